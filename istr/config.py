@@ -1,0 +1,455 @@
+"""The typed ISTR configuration, its scale presets and ``key=value`` overrides.
+
+Defaults are the paper's R50-FPN model and 1x COCO schedule (``istr-reference-facts.md``).
+Every Table 1 ablation is a value here:
+
+    Table 1a  model.mask.representation = pca | raw     model.mask.components = 40 | 60 | 80 | 784
+    Table 1b  model.matcher.mask_cost   = none | dice | l1 | cosine
+    Table 1c  model.loss.mask_loss      = dice | l2 | l2+dice
+    Table 1d  model.head.interaction    = dynamic | multihead
+    Table 1e  model.head.init_features  = max | avg | pos | avg+pos
+
+A config is plain nested dataclasses; ``to_dict``/``from_dict`` round-trip it through YAML or JSON,
+and ``apply_overrides(cfg, ["model.mask.components=40"])`` returns a validated copy.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value; its message is one line naming the key and the valid choices."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The config tree
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class BackboneConfig:
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    weights: Optional[str] = None  # local file: a torchvision ResNet state dict or our checkpoint
+    freeze_at: int = 2  # 0 = train all, 1 = freeze stem, 2 = stem + res2 (official), ... 5
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
+    fpn_channels: int = 256  # equals head.hidden_dim in the official model
+
+
+@dataclass
+class HeadConfig:
+    num_stages: int = 6
+    num_proposals: int = 300
+    hidden_dim: int = 256
+    dim_feedforward: int = 2048
+    num_heads: int = 8
+    dynamic_dim: int = 64
+    pooler_resolution: int = 7
+    sampling_ratio: int = 2
+    num_cls_layers: int = 3
+    num_reg_layers: int = 3
+    num_mask_layers: int = 3
+    interaction: Literal["dynamic", "multihead"] = "dynamic"  # Table 1d
+    init_features: Literal["max", "avg", "pos", "avg+pos"] = "avg+pos"  # Table 1e
+    # Where the learned proposal boxes start. "image" is official (all = whole image); "grid" is a
+    # CPU-scale deviation (boxes tiled over the image) measured in cpu-training-facts.md.
+    proposal_init: Literal["image", "grid"] = "image"
+    prior_prob: float = 0.01
+    bbox_weights: tuple[float, float, float, float] = (2.0, 2.0, 1.0, 1.0)
+    scale_clamp: float = 8.517193191416238  # log(1e5 / 16)
+
+
+@dataclass
+class MaskConfig:
+    representation: Literal["pca", "raw"] = "pca"  # Table 1a: "raw" is the paper's "mask" row
+    components: int = 60  # Table 1a: 40 / 60 / 80 / 784
+    resolution: int = 28
+    soft_r_max: float = 0.05  # soft label r = max(soft_r_max * U(0,1), soft_r_min)
+    soft_r_min: float = 0.01
+    pca_file: Optional[str] = None  # fitted PCA; None: fitted from the training set and cached
+
+
+@dataclass
+class MatcherConfig:
+    cost_class: float = 2.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    cost_mask: float = 2.0
+    mask_cost: Literal["none", "dice", "l1", "cosine"] = "cosine"  # Table 1b
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class LossConfig:
+    weight_class: float = 2.0
+    weight_l1: float = 5.0
+    weight_giou: float = 2.0
+    weight_mask: float = 2.0
+    mask_loss: Literal["dice", "l2", "l2+dice"] = "l2+dice"  # Table 1c
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    deep_supervision: bool = True
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80  # replaced by the dataset's category count when a dataset is loaded
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisibility: int = 32
+    detections_per_image: int = 100
+    mask_threshold: float = 0.5
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 2000
+    num_val: int = 200
+    width: int = 176
+    height: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (generated into cache_dir on first use) or a COCO-format directory / COCO 2017 root.
+    dataset: str = "synthetic"
+    train_images: Optional[str] = None  # explicit paths override the COCO 2017 layout under dataset
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    cache_dir: str = ".cache/istr"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    min_size_train: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    hflip_prob: float = 0.5
+    crop_prob: float = 0.5  # the 3x-schedule crop; 0 disables it
+    crop_pre_sizes: tuple[int, ...] = (400, 500, 600)
+    crop_fraction: float = 0.7
+    num_workers: int = 2
+    max_val_images: Optional[int] = None  # evaluate on the first N val images only
+
+
+@dataclass
+class SolverConfig:
+    batch_size: int = 16  # global, over all processes
+    lr: float = 2.5e-5
+    weight_decay: float = 1e-4
+    backbone_lr_factor: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_iter: int = 88715  # 12 epochs of COCO train2017 at batch 16
+    steps: tuple[int, ...] = (66536, 81321)  # epochs 9 and 11
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.01
+    clip_grad_norm: float = 1.0
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    checkpoint_period: int = 5000
+    log_period: int = 20
+
+
+@dataclass
+class PretrainConfig:
+    """Backbone pretraining on the training data: the offline substitute for ImageNet weights."""
+
+    enabled: bool = False
+    max_iter: int = 0
+    lr: float = 1e-3
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    seed: int = 40244023
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    eval_all_stages: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Scale presets: data, as dotted overrides on top of the defaults
+# --------------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's model and 1x schedule on COCO 2017; no deviation.
+    "paper": {"data.dataset": "coco"},
+    # CPU scale on the synthetic data: the paper's model with named, measured deviations.
+    "smoke": {
+        "model.backbone.name": "resnet18",
+        "model.backbone.freeze_at": 0,
+        "model.head.num_proposals": 50,
+        "model.head.hidden_dim": 128,
+        "model.backbone.fpn_channels": 128,
+        "model.head.dim_feedforward": 1024,
+        "model.head.proposal_init": "grid",
+        "data.min_size_train": (128,),
+        "data.max_size_train": 176,
+        "data.min_size_test": 128,
+        "data.max_size_test": 176,
+        "data.crop_prob": 0.0,
+        "solver.batch_size": 8,
+        "solver.lr": 2e-4,
+        "solver.max_iter": 1000,
+        "solver.steps": (800,),
+        "solver.warmup_iters": 50,
+        "solver.amp": "bf16",
+        "solver.checkpoint_period": 200,
+        "num_threads": 2,
+    },
+    # CI plumbing: seconds per run, no accuracy claim.
+    "tiny": {
+        "model.backbone.name": "resnet18",
+        "model.backbone.freeze_at": 0,
+        "model.head.num_stages": 2,
+        "model.head.num_proposals": 10,
+        "model.head.hidden_dim": 32,
+        "model.backbone.fpn_channels": 32,
+        "model.head.dim_feedforward": 64,
+        "model.head.dynamic_dim": 8,
+        "model.head.num_heads": 4,
+        "model.head.proposal_init": "grid",
+        "model.mask.components": 16,
+        "data.synthetic.num_train": 16,
+        "data.synthetic.num_val": 8,
+        "data.synthetic.width": 96,
+        "data.synthetic.height": 64,
+        "data.min_size_train": (64,),
+        "data.max_size_train": 96,
+        "data.min_size_test": 64,
+        "data.max_size_test": 96,
+        "data.crop_prob": 0.0,
+        "data.num_workers": 0,
+        "solver.batch_size": 4,
+        "solver.lr": 1e-3,
+        "solver.max_iter": 6,
+        "solver.steps": (4,),
+        "solver.warmup_iters": 2,
+        "solver.checkpoint_period": 3,
+        "solver.log_period": 1,
+        "num_threads": 1,
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion and overrides
+# --------------------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) suitable for YAML/JSON and hashing."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``hint``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_convert(v, a, key) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, key + ".")
+    return value
+
+
+def _unknown_key(prefix: str, name: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(prefix + n for n in near)}?" if near else ""
+    return ConfigError(f"unknown config key '{prefix}{name}'{hint} (valid at this level: {', '.join(valid)})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise _unknown_key(prefix, name, names)
+        kwargs[name] = _convert(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from a (possibly partial) nested dict; missing keys keep their defaults."""
+    return _build(Config, data or {})
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars and lists (``40``, ``true``, ``null``, ``[480, 512]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set dotted ``key`` on ``cfg`` in place, type-checked."""
+    node: Any = cfg
+    parts = key.split(".")
+    prefix = ""
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            raise _unknown_key(prefix, part, names)
+        hint = _hints(type(node))[part]
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(hint) and not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{part} is a section; set one of its keys, e.g. {prefix}{part}.{dataclasses.fields(hint)[0].name}=...")
+            if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
+            setattr(node, part, _convert(value, hint, prefix + part))
+        else:
+            if not dataclasses.is_dataclass(hint):
+                raise ConfigError(f"{prefix}{part} is a value, not a section: '{key}' cannot be set")
+            node = getattr(node, part)
+            prefix += part + "."
+
+
+def apply_overrides(cfg: Config, overrides: Any) -> Config:
+    """A validated copy of ``cfg`` with overrides applied.
+
+    ``overrides`` is a dict ``{"a.b": value}`` or a list of ``"a.b=value"`` strings (values parsed as YAML).
+    """
+    out = copy.deepcopy(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        set_value(out, key, value)
+    validate(out)
+    return out
+
+
+def _split(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. model.mask.components=40)")
+    key, raw = text.split("=", 1)
+    return key.strip(), parse_value(raw)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that single-field typing cannot express."""
+    m = cfg.model
+    if m.mask.representation == "pca" and not 1 <= m.mask.components <= m.mask.resolution**2:
+        raise ConfigError(f"model.mask.components: {m.mask.components} must be in 1..{m.mask.resolution ** 2}")
+    if m.head.hidden_dim != m.backbone.fpn_channels:
+        raise ConfigError(
+            f"model.head.hidden_dim ({m.head.hidden_dim}) must equal model.backbone.fpn_channels ({m.backbone.fpn_channels})"
+        )
+    if m.head.hidden_dim % m.head.num_heads:
+        raise ConfigError(f"model.head.hidden_dim ({m.head.hidden_dim}) must be divisible by model.head.num_heads ({m.head.num_heads})")
+    for name in ("num_stages", "num_proposals", "hidden_dim", "num_classes"):
+        value = getattr(m.head, name, None) if name != "num_classes" else m.num_classes
+        if value is not None and value < 1:
+            raise ConfigError(f"model.{'head.' if name != 'num_classes' else ''}{name}: must be >= 1, got {value}")
+    if not 0 <= m.backbone.freeze_at <= 5:
+        raise ConfigError(f"model.backbone.freeze_at: must be in 0..5, got {m.backbone.freeze_at}")
+    if list(cfg.solver.steps) != sorted(cfg.solver.steps):
+        raise ConfigError(f"solver.steps: must be increasing, got {list(cfg.solver.steps)}")
+
+
+def build_config(scale: Optional[str] = None, overrides: Any = ()) -> Config:
+    """Defaults <- scale preset <- overrides."""
+    cfg = Config()
+    if scale is not None:
+        if scale not in PRESETS:
+            raise ConfigError(f"unknown scale '{scale}'; choose one of {', '.join(PRESETS)}")
+        cfg = apply_overrides(cfg, PRESETS[scale])
+    return apply_overrides(cfg, overrides)
+
+
+def preset_deviations(scale: str) -> dict[str, tuple[Any, Any]]:
+    """``{key: (paper value, preset value)}`` for every key a preset changes from the paper defaults."""
+    paper, preset = build_config("paper"), build_config(scale)
+    out = {}
+    for key in PRESETS[scale]:
+        a, b = get_value(paper, key), get_value(preset, key)
+        if a != b:
+            out[key] = (a, b)
+    return out
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+    path = Path(path)
+    data = to_dict(cfg)
+    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=2)
+    path.write_text(text)
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config ({err.__class__.__name__}: {err})") from err
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
