@@ -52,6 +52,8 @@ class HeadConfig:
     dynamic_dim: int = 64
     pooler_resolution: int = 7
     sampling_ratio: int = 2
+    # RoIAlign implementation: "matmul" computes the same op as matrix products (faster CPU backward).
+    pooler_impl: Literal["torchvision", "matmul"] = "torchvision"
     num_cls_layers: int = 3
     num_reg_layers: int = 3
     num_mask_layers: int = 3
