@@ -1,0 +1,152 @@
+"""One job = one runner call on one config, into its result directory.
+
+A spec is ``{"runner": name, "config": istr.config.to_dict(cfg), "options": {...}}`` (options only for
+runners that take them, e.g. latency). ``execute(spec, output_dir, required)`` is what every executor
+runs: it takes the directory's lock, skips a complete result, otherwise calls the runner and checks that
+it left a complete metrics.json. Runners are imported only when a job runs.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from istr.config import ConfigError, dump, from_dict, to_dict
+
+from experiments import store
+
+# name -> "module:function"; the function is called as fn(cfg, output_dir) or, with options, fn(cfg, output_dir, options)
+RUNNERS: dict[str, str] = {
+    "istr": "istr.engine.job:train_and_evaluate",
+    "maskrcnn": "baselines.maskrcnn:train_and_evaluate",
+    "pca": "istr.engine.job:fit_pca_job",
+    "latency": "baselines.latency:run_latency",
+}
+
+
+class JobError(RuntimeError):
+    """A runner finished without a complete metrics.json."""
+
+
+def make_spec(runner: str, config: dict[str, Any], options: dict[str, Any] | None = None) -> dict[str, Any]:
+    if runner not in RUNNERS:
+        raise ConfigError(f"unknown runner '{runner}'; choose one of {', '.join(RUNNERS)}")
+    spec = {"runner": runner, "config": config}
+    if options:
+        spec["options"] = dict(options)
+    return spec
+
+
+def for_variant(entry, label: str, scale: str, overrides: Sequence[str] = (), seed_index: int = 0):
+    """``(cfg, spec, hash)`` of one seed of one variant of a registry entry."""
+    cfg = entry.resolve(label, scale, overrides, seed_index)
+    spec = make_spec(entry.variant(label).runner, to_dict(cfg), entry.job_options(label, scale))
+    return cfg, spec, store.spec_hash(spec)
+
+
+def runner_function(name: str) -> Callable[..., Any]:
+    if name not in RUNNERS:
+        raise ConfigError(f"unknown runner '{name}'; choose one of {', '.join(RUNNERS)}")
+    module, _, function = RUNNERS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Sequence[str]] = ()) -> dict[str, Any]:
+    """Run ``spec`` into ``output_dir`` unless it is complete or running elsewhere.
+
+    Returns ``{"status": "done" | "cached" | "busy", "wall_s": float}``; raises the runner's exception
+    (after recording it in run.json) or JobError when the metrics are incomplete.
+    """
+    from filelock import Timeout
+
+    output_dir = Path(output_dir)
+    required = [tuple(k) for k in required]
+    lock = store.lock(output_dir)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return {"status": "busy", "wall_s": 0.0}
+    try:
+        if store.is_complete(output_dir, required):
+            return {"status": "cached", "wall_s": 0.0}
+        (output_dir / "metrics.json").unlink(missing_ok=True)  # partial or corrupt: the runner rewrites it
+        store.write_json_atomic(output_dir / "spec.json", spec)
+        cfg = from_dict(spec["config"])
+        tmp = output_dir / ".config.yaml.tmp"
+        dump(cfg, tmp)
+        os.replace(tmp, output_dir / "config.yaml")
+        run = {**provenance(), "hash": output_dir.name, "status": "running", "start": _now()}
+        store.write_json_atomic(output_dir / "run.json", run)
+        start = time.perf_counter()
+        try:
+            function = runner_function(spec["runner"])
+            args = (cfg, output_dir, spec["options"]) if spec.get("options") else (cfg, output_dir)
+            function(*args)
+            metrics = store.read_metrics(output_dir)
+            missing = store.missing_keys(metrics, required) if metrics is not None else ["metrics.json"]
+            if missing:
+                raise JobError(f"runner '{spec['runner']}' left {output_dir} incomplete: missing {', '.join(missing)}")
+        except BaseException as err:
+            run.update(status="failed", end=_now(), wall_s=time.perf_counter() - start, error=f"{type(err).__name__}: {err}",
+                       traceback=traceback.format_exc())
+            store.write_json_atomic(output_dir / "run.json", run)
+            raise
+        run.update(status="done", end=_now(), wall_s=time.perf_counter() - start)
+        store.write_json_atomic(output_dir / "run.json", run)
+        return {"status": "done", "wall_s": run["wall_s"]}
+    finally:
+        lock.release()
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a job ran (read without importing torch)."""
+    return {
+        "host": socket.gethostname(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "torchvision": _version("torchvision"),
+        "git_commit": git_commit(),
+    }
+
+
+def git_commit() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,191 @@
+"""Run the experiments of the paper: ``python -m experiments.run NAME|all [options] [key=value ...]``.
+
+    --scale tiny|smoke|paper   istr.config preset + the entry's scale settings (default smoke)
+    --executor debug|local     in-process loop | submitit local subprocesses (default local)
+    --dry-run                  print the plan (jobs, hashes, cached or not, resources) and stop
+    --list                     list the entries and their variants
+    --seeds N                  N seeds per variant (seed i sets cfg.seed += i); default: the scale's
+                               (smoke: 1 per variant, 3 for each entry's default variant)
+    --results-root DIR         default $ISTR_RESULTS or results/
+    --reports-dir DIR          default reports/
+    --only LABEL ...           run only these variants
+    key=value                  config overrides applied to every job, after the registry's
+
+A job whose config is already complete in the results root is not run again: the default model, shared by
+the five parts of Table 1 and Figure 3, runs once per seed. After the runs every selected entry is
+aggregated and reported (reports/<name>.md at smoke scale, reports/<name>-<scale>.md otherwise).
+Exit status: 0 all jobs complete, 1 a job failed, 2 bad input (nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from istr.config import ConfigError
+
+from experiments import jobs, registry, store
+
+
+@dataclass
+class PlannedJob:
+    digest: str
+    directory: Path
+    spec: dict[str, Any]
+    uses: list[str]  # "table1a/l=60/seed0", ... every entry row this job serves
+    required: list[tuple[str, ...]]
+    resources: dict[str, Any]
+    state: str  # "cached" | "partial" (directory exists, incomplete) | "new"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seeds_for(entry: registry.Entry, label: str, scale: str, seeds: int | None) -> int:
+    settings = entry.settings(scale)
+    if seeds:
+        return seeds
+    return settings.default_seeds if label == entry.default else settings.seeds
+
+
+def plan(names: Sequence[str], scale: str, results_root: str | Path, seeds: int | None = None,
+         only: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[PlannedJob]:
+    """Every job the selected entries need, deduplicated by hash. Raises ConfigError on bad input."""
+    entries = [registry.get(n) for n in names]
+    valid = sorted({label for e in entries for label in e.labels})
+    for label in only:
+        if label not in valid:
+            raise ConfigError(f"unknown variant '{label}' for {', '.join(names)}; choose one of {', '.join(map(repr, valid))}")
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1, got {seeds}")
+    planned: dict[str, PlannedJob] = {}
+    for entry in entries:
+        settings = entry.settings(scale)
+        for variant in entry.runnable():
+            if only and variant.label not in only:
+                continue
+            for seed_index in range(seeds_for(entry, variant.label, scale, seeds)):
+                cfg, spec, digest = jobs.for_variant(entry, variant.label, scale, overrides, seed_index)
+                use = f"{entry.name}/{variant.label}/seed{seed_index}"
+                required = entry.required_keys(cfg, variant.label)
+                if digest in planned:
+                    job = planned[digest]
+                    job.uses.append(use)
+                    job.required += [k for k in required if k not in job.required]
+                    continue
+                directory = store.result_dir(results_root, digest)
+                planned[digest] = PlannedJob(digest, directory, spec, [use], required, settings.resources, "", cfg.seed)
+    for job in planned.values():
+        if store.is_complete(job.directory, job.required):
+            job.state = "cached"
+        else:
+            job.state = "partial" if job.directory.exists() else "new"
+    return list(planned.values())
+
+
+def print_plan(jobs_: Sequence[PlannedJob], scale: str, out=sys.stdout) -> None:
+    todo = [j for j in jobs_ if j.state != "cached"]
+    print(f"plan: {len(jobs_)} job(s) at scale '{scale}', {len(jobs_) - len(todo)} cached, {len(todo)} to run", file=out)
+    for job in jobs_:
+        res = job.resources
+        print(f"  {job.digest}  {job.state:7s}  {job.spec['runner']:8s} seed={job.seed}  "
+              f"[{res.get('nodes')}n x {res.get('gpus_per_node')}gpu, {res.get('cpus_per_task')}cpu, "
+              f"{res.get('mem_gb')}G, {res.get('time_min')}min]  {', '.join(job.uses)}", file=out)
+
+
+def list_entries(out=sys.stdout) -> None:
+    for name in registry.names():
+        entry = registry.get(name)
+        print(f"{name}: {entry.title}  [{entry.source.get('table')}, {entry.source.get('split')}]", file=out)
+        for v in entry.variants:
+            tag = "reported only" if v.reported_only else f"runner {v.runner}"
+            default = ", default" if v.label == entry.default else ""
+            shown = ", ".join(f"{k}={val}" for k, val in v.overrides.items()) or "-"
+            print(f"    {v.label:20s} ({tag}{default})  overrides: {shown}", file=out)
+
+
+def execute_plan(jobs_: Sequence[PlannedJob], executor_name: str, results_root: Path,
+                 max_parallel: int | None = None, out=sys.stdout) -> dict[str, Any]:
+    from experiments.launch import Task, make_executor
+
+    todo = [j for j in jobs_ if j.state != "cached"]
+    tasks = [Task(j.digest, j.uses[0], jobs.execute, (j.spec, str(j.directory), j.required), j.resources) for j in todo]
+    executor = make_executor(executor_name, results_root / "_submitit", max_parallel)
+    index = {t.key: i + 1 for i, t in enumerate(tasks)}
+    counts = {"finished": 0, "failed": 0}
+    start = time.perf_counter()
+
+    def progress(task, event, outcome):
+        prefix = f"[{index[task.key]}/{len(tasks)}] {task.key} {task.name}"
+        if event == "start":
+            print(f"{prefix}: started", file=out, flush=True)
+            return
+        counts["finished"] += 1
+        counts["failed"] += outcome.status == "failed"
+        detail = f" ({outcome.error})" if outcome.error else ""
+        print(f"{prefix}: {outcome.status} in {outcome.wall_s:.1f} s{detail} | overall {counts['finished']}/{len(tasks)} "
+              f"finished, {counts['failed']} failed, {time.perf_counter() - start:.0f} s elapsed", file=out, flush=True)
+
+    outcomes = executor.run(tasks, progress) if tasks else {}
+    return outcomes
+
+
+def report_path_stem(name: str, scale: str) -> str:
+    return name if scale == "smoke" else f"{name}-{scale}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+    parser.add_argument("name", nargs="?", help="an experiment (see --list) or 'all'")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser.add_argument("--scale", default="smoke")
+    parser.add_argument("--executor", default="local")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--results-root", default=None)
+    parser.add_argument("--reports-dir", default="reports")
+    parser.add_argument("--only", nargs="+", default=[], metavar="LABEL")
+    parser.add_argument("--max-parallel", type=int, default=None, help="local executor: jobs at once")
+    args = parser.parse_intermixed_args(argv)
+    if args.list:
+        list_entries()
+        return 0
+    try:
+        if not args.name:
+            raise ConfigError(f"name an experiment; choose one of {', '.join(registry.names())}, all")
+        names = list(registry.names()) if args.name == "all" else [registry.get(args.name).name]
+        if args.scale not in registry.SCALES:
+            raise ConfigError(f"unknown scale '{args.scale}'; choose one of {', '.join(registry.SCALES)}")
+        from experiments.launch import EXECUTORS  # light: submitit is imported only when a local run starts
+
+        if args.executor not in EXECUTORS:
+            raise ConfigError(f"unknown executor '{args.executor}'; choose one of {', '.join(EXECUTORS)}")
+        labels = {label for n in names for label in registry.get(n).labels}
+        only = [t for t in args.only if t in labels or "=" not in t]  # `--only l=40 a.b=1`: a.b=1 is an override
+        overrides = [t for t in args.only if t not in only] + list(args.overrides)
+        root = store.results_root(args.results_root)
+        planned = plan(names, args.scale, root, args.seeds, only, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_plan(planned, args.scale)
+    if args.dry_run:
+        return 0
+    outcomes = execute_plan(planned, args.executor, root, args.max_parallel)
+    failed = [k for k, o in outcomes.items() if o.status == "failed"]
+    from experiments import report
+
+    for name in names:
+        path = report.write_report(name, args.scale, root, args.reports_dir, seeds=args.seeds, overrides=overrides)
+        print(f"report: {path}")
+    if failed:
+        print(f"{len(failed)} job(s) failed: {', '.join(failed)} (see results/<hash>/run.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Result directories keyed by a canonical hash of the job spec.
+
+    results/<hash>/spec.json      the job spec {runner, config, options}: what was hashed
+    results/<hash>/config.yaml    the resolved config, for humans and for ``istr.config.load``
+    results/<hash>/run.json       status, host, versions, start/end, wall time (written by jobs.execute)
+    results/<hash>/metrics.json   written by the runner, last: its presence with every required key = complete
+    results/<hash>/.lock          held (filelock) while a process runs the job
+
+A directory whose metrics.json is missing, unparsable or lacks a required key is incomplete and is run
+again (the runner resumes from its checkpoints); a complete one is never run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+HASH_LENGTH = 12
+DEFAULT_ROOT = "results"
+IDENTITY_KEYS = ("runner", "config", "options")  # what makes two jobs the same job
+
+
+def canonical_json(spec: dict[str, Any]) -> str:
+    """Sorted keys, no whitespace, tuples as lists: equal specs give equal text whatever their key order."""
+    identity = {k: spec[k] for k in IDENTITY_KEYS if spec.get(k) not in (None, {})}
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list, allow_nan=True)
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """First 12 hex digits of sha256 over the canonical JSON of the spec's identity keys."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:HASH_LENGTH]
+
+
+def results_root(path: Optional[str] = None) -> Path:
+    """``path``, else ``$ISTR_RESULTS``, else ``results/``."""
+    return Path(path or os.environ.get("ISTR_RESULTS") or DEFAULT_ROOT)
+
+
+def result_dir(root: str | Path, digest: str) -> Path:
+    return Path(root) / digest
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same directory, then ``os.replace``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=list) + "\n")
+
+
+def read_json(path: str | Path) -> Optional[Any]:
+    """Parsed JSON, or None when the file is missing or corrupt."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def lookup(metrics: Any, key: Sequence[str]) -> Any:
+    """``metrics[k0][k1]...``; KeyError/TypeError when a level is missing."""
+    node = metrics
+    for part in key:
+        node = node[part]
+    return node
+
+
+def missing_keys(metrics: Any, required: Iterable[Sequence[str]]) -> list[str]:
+    """The required key paths (dotted) that ``metrics`` lacks or holds as a non-number."""
+    missing = []
+    for key in required:
+        try:
+            value = lookup(metrics, key)
+        except (KeyError, TypeError, IndexError):
+            missing.append(".".join(key))
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float, list)):
+            missing.append(".".join(key))
+    return missing
+
+
+def read_metrics(directory: str | Path) -> Optional[dict[str, Any]]:
+    data = read_json(Path(directory) / "metrics.json")
+    return data if isinstance(data, dict) else None
+
+
+def is_complete(directory: str | Path, required: Iterable[Sequence[str]]) -> bool:
+    metrics = read_metrics(directory)
+    return metrics is not None and not missing_keys(metrics, required)
+
+
+def lock(directory: str | Path):
+    """An exclusive, inter-process lock on a result directory (``with store.lock(d).acquire(timeout=0):``)."""
+    from filelock import FileLock
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(directory / ".lock"))
