@@ -1,0 +1,128 @@
+"""torchvision Mask R-CNN behind ISTR's model interface, so that one data pipeline, one training loop and
+one COCOeval serve both (docs/design.md, "Model" and "Baselines").
+
+The differences from a stock ``maskrcnn_resnet50_fpn`` are all about sharing ISTR's pipeline:
+- our transforms resize, so the internal ``GeneralizedRCNNTransform`` only normalises (with the paper's
+  pixel mean/std in 0..255 units, the same as ISTR) and pads to ``size_divisibility``;
+- labels are 0..C-1 outside and 1..C inside (0 is torchvision's background);
+- anchor sizes scale with the test resolution (x min_size_test / 800): identical at paper scale, and at
+  CPU scale the anchors keep the same size relative to the image.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from istr.config import ModelConfig
+
+# torchvision's defaults for 800-pixel images: one size per FPN level p2..p6.
+_ANCHOR_SIZES_AT_800 = (32, 64, 128, 256, 512)
+
+
+class NormalizeOnlyTransform(GeneralizedRCNNTransform):
+    """Normalise and pad, never resize: the dataset transforms already produced the test/train size."""
+
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
+        return image, target
+
+
+def build_resnet_fpn(cfg: ModelConfig) -> BackboneWithFPN:
+    """ResNet trunk + FPN (p2..p5 and a max-pooled p6) with ``cfg.backbone.fpn_channels`` channels."""
+    bb = cfg.backbone
+    norm_layer = FrozenBatchNorm2d if bb.norm == "frozen_bn" else nn.BatchNorm2d
+    trunk = getattr(resnet, bb.name)(weights=None, norm_layer=norm_layer)
+    if bb.weights:
+        load_trunk_weights(trunk, bb.weights)
+    # freeze_at k freezes the stem (k >= 1) and res2..res{k} (torchvision layer1..layer{k-1}).
+    trainable = [f"layer{j}." for j in range(max(bb.freeze_at, 1), 5)] + (["conv1.", "bn1."] if bb.freeze_at == 0 else [])
+    for name, param in trunk.named_parameters():
+        param.requires_grad_(any(name.startswith(prefix) for prefix in trainable))
+    stage2_channels = trunk.inplanes // 8  # 64 (BasicBlock) or 256 (Bottleneck)
+    in_channels = [stage2_channels * 2**i for i in range(4)]
+    return_layers = {f"layer{k}": str(k - 1) for k in range(1, 5)}
+    return BackboneWithFPN(trunk, return_layers, in_channels, bb.fpn_channels, extra_blocks=LastLevelMaxPool())
+
+
+def load_trunk_weights(trunk: nn.Module, path: str) -> None:
+    """Load a torchvision ResNet state dict (or a checkpoint holding one under "model"/"backbone.body.")."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    for prefix in ("backbone.body.", "body.", ""):
+        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if picked and any(k.startswith("layer1.") for k in picked):
+            break
+    else:
+        raise ValueError(f"{path}: no ResNet weights found (expected keys like 'layer1.0.conv1.weight')")
+    missing, _ = trunk.load_state_dict({k: v for k, v in picked.items() if not k.startswith("fc.")}, strict=False)
+    if missing:
+        raise ValueError(f"{path}: ResNet weights miss {len(missing)} keys, e.g. {missing[:3]}")
+
+
+class MaskRCNNBaseline(MaskRCNN):
+    """Mask R-CNN speaking ISTR's interface.
+
+    ``model(images, targets)`` in training -> dict of scalar losses; in eval ``model(images)`` -> list (per
+    image) of ``boxes [K,4], labels [K] in 0..C-1, scores [K], masks [K,1,H,W] in [0,1]``, K <= 100;
+    ``all_stages=True`` wraps that in a one-stage list; ``output_sizes`` rescales boxes and masks.
+    ``images`` are RGB float tensors [3,H,W] in 0..255.
+    """
+
+    def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None,
+                all_stages: bool = False, output_sizes: Optional[list[tuple[int, int]]] = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("MaskRCNNBaseline: targets are required in training mode")
+            targets = [_to_torchvision_target(t) for t in targets]
+        input_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        proposals, proposal_losses = self.rpn(batch, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        if self.training:
+            return OrderedDict(**detector_losses, **proposal_losses)
+        detections = self.transform.postprocess(detections, batch.image_sizes, output_sizes or input_sizes)
+        detections = [_from_torchvision_detections(d) for d in detections]
+        return [detections] if all_stages else detections
+
+
+def _to_torchvision_target(target: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"boxes": target["boxes"], "labels": target["labels"] + 1, "masks": target["masks"].to(torch.uint8)}
+
+
+def _from_torchvision_detections(det: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"boxes": det["boxes"], "labels": det["labels"] - 1, "scores": det["scores"], "masks": det["masks"]}
+
+
+def build_maskrcnn(cfg: ModelConfig, score_thresh: float = 0.05, anchor_scale: float = 1.0) -> MaskRCNNBaseline:
+    """Mask R-CNN on a ResNet-FPN from ``cfg.backbone`` with ``cfg.num_classes`` + 1 (background) classes.
+
+    ``score_thresh`` is torchvision's ``box_score_thresh``: 0.05 is its default (and detectron2's);
+    0.0 forces ``cfg.detections_per_image`` detections per image, as ISTR always returns.
+    ``anchor_scale`` multiplies torchvision's anchor sizes (use min_size_test / 800).
+    """
+    sizes = tuple((max(1, round(s * anchor_scale)),) for s in _ANCHOR_SIZES_AT_800)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    model = MaskRCNNBaseline(
+        build_resnet_fpn(cfg),
+        num_classes=cfg.num_classes + 1,
+        rpn_anchor_generator=anchors,
+        box_score_thresh=score_thresh,
+        box_detections_per_img=cfg.detections_per_image,
+    )
+    model.transform = NormalizeOnlyTransform(
+        min_size=1, max_size=1, image_mean=list(cfg.pixel_mean), image_std=list(cfg.pixel_std),
+        size_divisible=cfg.size_divisibility,
+    )
+    return model
+
