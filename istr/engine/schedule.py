@@ -1,0 +1,40 @@
+"""Optimizer and learning-rate schedule (iteration-based), as in the official ISTR training.
+
+AdamW with default betas/eps and weight decay on every parameter (norms and biases too); the
+backbone may get ``lr * backbone_lr_factor``. The lr factor at iteration ``i`` (0-based) is a linear
+warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, times ``gamma`` for each step ``<= i``.
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from istr.config import SolverConfig
+
+
+def lr_factor(iteration: int, solver: SolverConfig) -> float:
+    """Multiplier of the base lr used for (0-based) ``iteration``."""
+    warmup = 1.0
+    if iteration < solver.warmup_iters:
+        alpha = iteration / solver.warmup_iters
+        warmup = solver.warmup_factor * (1.0 - alpha) + alpha
+    return warmup * solver.gamma ** bisect.bisect_right(list(solver.steps), iteration)
+
+
+def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the backbone's (``backbone.*``) in their own lr group."""
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith("backbone.") else rest).append(param)
+    groups = [{"params": rest, "lr": solver.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": solver.lr * solver.backbone_lr_factor})
+    return torch.optim.AdamW(groups, lr=solver.lr, betas=solver.betas, weight_decay=solver.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, solver: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration, after the optimizer."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, solver))

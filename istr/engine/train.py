@@ -1,0 +1,199 @@
+"""The training loop: iteration-based, resumable, deterministic on CPU, DDP-aware.
+
+One iteration: a global batch of ``cfg.solver.batch_size`` images split over the ranks, the model's
+already-weighted loss terms summed, backward (DDP averages gradients; the criterion normalises by the
+all-reduced GT count, so the sum equals the one-process loss), full-model grad-norm clipping, AdamW,
+lr schedule. A non-finite loss stops the run before the optimizer step (the last checkpoint stays good).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from istr.config import Config, to_dict
+from istr.engine import distributed
+from istr.engine.checkpoint import FINAL, LAST, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from istr.engine.profiling import StepProfiler
+from istr.engine.sampling import IterationBatchSampler, SeededDataset
+from istr.engine.schedule import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training hit a NaN/inf loss; the message is one line naming the iteration and the loss terms."""
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    train_time_s: float
+
+
+def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    return [item[0] for item in batch], [item[1] for item in batch]
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context of ``solver.amp``: bf16 on CPU or CUDA, fp16 on CUDA only."""
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on CPU")
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
+
+
+def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+
+
+def _truncate_jsonl(path: Path, last_iteration: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run logs past it)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line).get("iteration", 0) <= last_iteration]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _format_losses(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+
+
+def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Path, device: torch.device,
+          log: Optional[logging.Logger] = None, profile_iters: int = 0) -> TrainResult:
+    """Train ``model`` on ``dataset`` to ``cfg.solver.max_iter``, resuming from ``checkpoints/last.pth``.
+
+    Writes ``metrics.jsonl`` and ``checkpoints/{last,final}.pth`` under ``output_dir`` (rank 0).
+    With ``profile_iters > 0`` runs 1 + ``profile_iters`` iterations from the current state instead,
+    writes nothing and logs the time breakdown of the last ``profile_iters``.
+    """
+    log = log or logging.getLogger("istr.train")
+    solver = cfg.solver
+    output_dir, rank, world = Path(output_dir), distributed.rank(), distributed.world_size()
+    ckpt_dir, jsonl = output_dir / "checkpoints", output_dir / "metrics.jsonl"
+    is_main, writing = rank == 0, profile_iters == 0
+
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, solver)
+    scheduler = build_scheduler(optimizer, solver)
+    scaler = torch.amp.GradScaler("cuda") if solver.amp == "fp16" else None
+    start_iter, train_time = 0, 0.0
+    if (ckpt_dir / LAST).exists():
+        ckpt = load_checkpoint(ckpt_dir / LAST, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_iter, train_time = int(ckpt["iteration"]), float(ckpt.get("train_time_s", 0.0))
+        rng = ckpt.get("rng", [])
+        if len(rng) == world:
+            set_rng_state(rng[rank])
+        else:  # resumed with another number of processes: fresh, still seeded, streams
+            torch.manual_seed(cfg.seed + rank + start_iter)
+        log.info("resumed from %s at iteration %d", ckpt_dir / LAST, start_iter)
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    end_iter = start_iter + 1 + profile_iters if profile_iters else solver.max_iter
+    if is_main and writing:
+        _truncate_jsonl(jsonl, start_iter)
+    if start_iter >= end_iter:
+        return TrainResult(start_iter, train_time)
+
+    train_model = model
+    if world > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=True)
+    sampler = IterationBatchSampler(len(dataset), solver.batch_size, cfg.seed, rank, world, start_iter)
+    loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    profiler = StepProfiler(model, device) if profile_iters else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
+    progress = tqdm(total=end_iter, initial=start_iter, disable=not is_main, desc="train", dynamic_ncols=True)
+
+    def timed(name: str):
+        return profiler.section(name) if profiler else contextlib.nullcontext()
+
+    for iteration in range(start_iter, end_iter):
+        if profiler and iteration == start_iter + 1:
+            profiler.totals.clear()  # the first iteration warms up allocators and caches
+        step_start = time.perf_counter()
+        with timed("data"):
+            images, targets = next(batches)
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [_to_device(t, device) for t in targets]
+        data_time = time.perf_counter() - step_start
+        with timed("forward"), autocast(device, solver.amp):
+            losses = train_model(images, targets)
+            total = sum(losses.values())
+        local = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+        values = distributed.all_reduce_mean(dict(zip(losses, local)), device)
+        values = {"loss": sum(values.values()), **values}
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+            raise NonFiniteLossError(f"non-finite loss at iteration {iteration + 1}: {_format_losses(bad)}; training "
+                                     f"stopped, last good checkpoint kept ({ckpt_dir / LAST})")
+        with timed("backward"):
+            (scaler.scale(total) if scaler else total).backward()
+        with timed("optimizer"):
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm if solver.clip_grad_norm > 0 else math.inf)
+            if scaler is None and not math.isfinite(float(grad_norm)):
+                raise NonFiniteLossError(f"non-finite gradient norm at iteration {iteration + 1} (losses: "
+                                         f"{_format_losses(values)}); training stopped, last good checkpoint kept")
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        if profiler:
+            profiler.step()
+        done = iteration + 1
+        step_time = time.perf_counter() - step_start
+        train_time += step_time
+        window_data, window_iters = window_data + data_time, window_iters + 1
+        progress.update(1)
+        if writing and (done % solver.log_period == 0 or done == end_iter):
+            elapsed = time.perf_counter() - window_start
+            record = {"iteration": done, "lr": lr, **values, "time_s": elapsed / window_iters,
+                      "data_time_s": window_data / window_iters}
+            progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+            if is_main:
+                with open(jsonl, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                log.info("iter %d/%d  loss %.4f  lr %.3g  %.3f s/it", done, end_iter, values["loss"], lr,
+                         record["time_s"])
+            window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
+        if writing and (done % solver.checkpoint_period == 0 or done == end_iter):
+            states = distributed.all_gather_objects(rng_state())
+            if is_main:
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                             "iteration": done, "train_time_s": train_time, "rng": states,
+                             "config": to_dict(cfg)}, ckpt_dir / LAST)
+            distributed.barrier()
+    progress.close()
+    if profiler:
+        profiler.close()
+        log.info("time per iteration (%s, batch %d per process):\n%s", device, solver.batch_size // world,
+                 profiler.table())
+    elif is_main:
+        atomic_save({"model": model.state_dict(), "iteration": end_iter, "config": to_dict(cfg)}, ckpt_dir / FINAL)
+    return TrainResult(end_iter, train_time)
