@@ -341,9 +341,15 @@ def from_dict(data: dict[str, Any]) -> Config:
 def parse_value(text: str) -> Any:
     """A command-line value: YAML scalars and lists (``40``, ``true``, ``null``, ``[480, 512]``)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
