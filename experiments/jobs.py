@@ -23,8 +23,8 @@ from istr.config import ConfigError, dump, from_dict, to_dict
 
 from experiments import store
 
-# name -> "module:function"; the function is called as fn(cfg, output_dir) or, with options, fn(cfg, output_dir, options)
-RUNNERS: dict[str, str] = {
+# name -> "module:function" (or the function itself), called as fn(cfg, output_dir) or fn(cfg, output_dir, options)
+RUNNERS: dict[str, str | Callable[..., Any]] = {
     "istr": "istr.engine.job:train_and_evaluate",
     "maskrcnn": "baselines.maskrcnn:train_and_evaluate",
     "pca": "istr.engine.job:fit_pca_job",
@@ -55,7 +55,10 @@ def for_variant(entry, label: str, scale: str, overrides: Sequence[str] = (), se
 def runner_function(name: str) -> Callable[..., Any]:
     if name not in RUNNERS:
         raise ConfigError(f"unknown runner '{name}'; choose one of {', '.join(RUNNERS)}")
-    module, _, function = RUNNERS[name].partition(":")
+    target = RUNNERS[name]
+    if callable(target):
+        return target
+    module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
 
 

@@ -125,6 +125,13 @@ class Entry:
             deviations=tuple(own.get("deviations", ())),
         )
 
+    def num_seeds(self, label: str, scale: str, seeds: Optional[int] = None) -> int:
+        """``seeds`` if given, else the scale's count (the default variant gets ``default_seeds``)."""
+        if seeds:
+            return seeds
+        settings = self.settings(scale)
+        return max(settings.seeds, settings.default_seeds) if label == self.default else settings.seeds
+
     def runnable(self) -> tuple[Variant, ...]:
         return tuple(v for v in self.variants if not v.reported_only)
 

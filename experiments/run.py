@@ -43,13 +43,6 @@ class PlannedJob:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def seeds_for(entry: registry.Entry, label: str, scale: str, seeds: int | None) -> int:
-    settings = entry.settings(scale)
-    if seeds:
-        return seeds
-    return settings.default_seeds if label == entry.default else settings.seeds
-
-
 def plan(names: Sequence[str], scale: str, results_root: str | Path, seeds: int | None = None,
          only: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[PlannedJob]:
     """Every job the selected entries need, deduplicated by hash. Raises ConfigError on bad input."""
@@ -66,7 +59,7 @@ def plan(names: Sequence[str], scale: str, results_root: str | Path, seeds: int 
         for variant in entry.runnable():
             if only and variant.label not in only:
                 continue
-            for seed_index in range(seeds_for(entry, variant.label, scale, seeds)):
+            for seed_index in range(entry.num_seeds(variant.label, scale, seeds)):
                 cfg, spec, digest = jobs.for_variant(entry, variant.label, scale, overrides, seed_index)
                 use = f"{entry.name}/{variant.label}/seed{seed_index}"
                 required = entry.required_keys(cfg, variant.label)
