@@ -54,15 +54,20 @@ class StepProfiler:
     @contextmanager
     def section(self, name: str) -> Iterator[None]:
         """Time a block of the training step; module hooks inside it are taken out of ``name``."""
-        hooked_before = sum(self.totals[s] for s in MODULE_SECTIONS.values())
+        hooked_before = sum(self.totals.get(s, 0.0) for s in MODULE_SECTIONS.values())
         start = self._now()
         yield
         elapsed = self._now() - start
-        hooked = sum(self.totals[s] for s in MODULE_SECTIONS.values()) - hooked_before
+        hooked = sum(self.totals.get(s, 0.0) for s in MODULE_SECTIONS.values()) - hooked_before
         self.totals["forward (rest)" if name == "forward" else name] += elapsed - hooked
 
     def step(self) -> None:
         self.iterations += 1
+
+    def reset(self) -> None:
+        """Forget what was measured so far (e.g. a warm-up iteration)."""
+        self.totals.clear()
+        self.iterations = 0
 
     def close(self) -> None:
         for handle in self._handles:

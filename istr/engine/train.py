@@ -69,6 +69,36 @@ def _format_losses(values: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
 
 
+def _reduced_losses(losses: dict[str, torch.Tensor], iteration: int, device: torch.device,
+                    checkpoint: Path) -> dict[str, float]:
+    """``{"loss": total, term: value, ...}`` averaged over ranks; raises on a non-finite value."""
+    local = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+    values = distributed.all_reduce_mean(dict(zip(losses, local)), device)
+    values = {"loss": sum(values.values()), **values}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(f"non-finite loss at iteration {iteration + 1}: {_format_losses(bad)}; training "
+                                 f"stopped, last good checkpoint kept ({checkpoint})")
+    return values
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], params: list,
+                    clip: float, iteration: int, values: dict[str, float]) -> None:
+    """Full-model grad-norm clipping then the optimizer step (GradScaler skips fp16 overflow steps itself)."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    if scaler is None and not math.isfinite(float(grad_norm)):
+        raise NonFiniteLossError(f"non-finite gradient norm at iteration {iteration + 1} (losses: "
+                                 f"{_format_losses(values)}); training stopped, last good checkpoint kept")
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Path, device: torch.device,
           log: Optional[logging.Logger] = None, profile_iters: int = 0) -> TrainResult:
     """Train ``model`` on ``dataset`` to ``cfg.solver.max_iter``, resuming from ``checkpoints/last.pth``.
@@ -107,6 +137,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
         torch.manual_seed(cfg.seed + rank)
     end_iter = start_iter + 1 + profile_iters if profile_iters else solver.max_iter
     if is_main and writing:
+        output_dir.mkdir(parents=True, exist_ok=True)
         _truncate_jsonl(jsonl, start_iter)
     if start_iter >= end_iter:
         return TrainResult(start_iter, train_time)
@@ -122,78 +153,64 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     profiler = StepProfiler(model, device) if profile_iters else None
     params = [p for p in model.parameters() if p.requires_grad]
     window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
+    # what a checkpoint alone needs to rebuild and evaluate its model
+    identity = {"config": to_dict(cfg), "label_to_category_id": list(getattr(dataset, "label_to_category_id", []))}
     progress = tqdm(total=end_iter, initial=start_iter, disable=not is_main, desc="train", dynamic_ncols=True)
 
     def timed(name: str):
         return profiler.section(name) if profiler else contextlib.nullcontext()
 
-    for iteration in range(start_iter, end_iter):
-        if profiler and iteration == start_iter + 1:
-            profiler.totals.clear()  # the first iteration warms up allocators and caches
-        step_start = time.perf_counter()
-        with timed("data"):
-            images, targets = next(batches)
-            images = [image.to(device, non_blocking=True) for image in images]
-            targets = [_to_device(t, device) for t in targets]
-        data_time = time.perf_counter() - step_start
-        with timed("forward"), autocast(device, solver.amp):
-            losses = train_model(images, targets)
-            total = sum(losses.values())
-        local = torch.stack([v.detach().float() for v in losses.values()]).tolist()
-        values = distributed.all_reduce_mean(dict(zip(losses, local)), device)
-        values = {"loss": sum(values.values()), **values}
-        if not all(math.isfinite(v) for v in values.values()):
-            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-            raise NonFiniteLossError(f"non-finite loss at iteration {iteration + 1}: {_format_losses(bad)}; training "
-                                     f"stopped, last good checkpoint kept ({ckpt_dir / LAST})")
-        with timed("backward"):
-            (scaler.scale(total) if scaler else total).backward()
-        with timed("optimizer"):
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm if solver.clip_grad_norm > 0 else math.inf)
-            if scaler is None and not math.isfinite(float(grad_norm)):
-                raise NonFiniteLossError(f"non-finite gradient norm at iteration {iteration + 1} (losses: "
-                                         f"{_format_losses(values)}); training stopped, last good checkpoint kept")
+    try:
+        for iteration in range(start_iter, end_iter):
+            if profiler and iteration == start_iter + 1:
+                profiler.reset()  # the first iteration warms up allocators and caches
+            step_start = time.perf_counter()
+            with timed("data"):
+                images, targets = next(batches)
+                images = [image.to(device, non_blocking=True) for image in images]
+                targets = [_to_device(t, device) for t in targets]
+            data_time = time.perf_counter() - step_start
+            with timed("forward"), autocast(device, solver.amp):
+                losses = train_model(images, targets)
+            values = _reduced_losses(losses, iteration, device, ckpt_dir / LAST)
+            with timed("backward"):
+                total = sum(losses.values())
+                (scaler.scale(total) if scaler else total).backward()
             lr = optimizer.param_groups[0]["lr"]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with timed("optimizer"):
+                _optimizer_step(optimizer, scaler, params, solver.clip_grad_norm, iteration, values)
+                scheduler.step()
+            if profiler:
+                profiler.step()
+            done = iteration + 1
+            train_time += time.perf_counter() - step_start
+            window_data, window_iters = window_data + data_time, window_iters + 1
+            progress.update(1)
+            if writing and (done % solver.log_period == 0 or done == end_iter):
+                elapsed = time.perf_counter() - window_start
+                record = {"iteration": done, "lr": lr, **values, "time_s": elapsed / window_iters,
+                          "data_time_s": window_data / window_iters}
+                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                if is_main:
+                    with open(jsonl, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    log.info("iter %d/%d  loss %.4f  lr %.3g  %.3f s/it", done, end_iter, values["loss"], lr,
+                             record["time_s"])
+                window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
+            if writing and (done % solver.checkpoint_period == 0 or done == end_iter):
+                states = distributed.all_gather_objects(rng_state())
+                if is_main:
+                    atomic_save({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                                 "iteration": done, "train_time_s": train_time, "rng": states}, ckpt_dir / LAST)
+                distributed.barrier()
+    finally:
+        progress.close()
         if profiler:
-            profiler.step()
-        done = iteration + 1
-        step_time = time.perf_counter() - step_start
-        train_time += step_time
-        window_data, window_iters = window_data + data_time, window_iters + 1
-        progress.update(1)
-        if writing and (done % solver.log_period == 0 or done == end_iter):
-            elapsed = time.perf_counter() - window_start
-            record = {"iteration": done, "lr": lr, **values, "time_s": elapsed / window_iters,
-                      "data_time_s": window_data / window_iters}
-            progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
-            if is_main:
-                with open(jsonl, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                log.info("iter %d/%d  loss %.4f  lr %.3g  %.3f s/it", done, end_iter, values["loss"], lr,
-                         record["time_s"])
-            window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
-        if writing and (done % solver.checkpoint_period == 0 or done == end_iter):
-            states = distributed.all_gather_objects(rng_state())
-            if is_main:
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                             "iteration": done, "train_time_s": train_time, "rng": states,
-                             "config": to_dict(cfg)}, ckpt_dir / LAST)
-            distributed.barrier()
-    progress.close()
+            profiler.close()
     if profiler:
-        profiler.close()
         log.info("time per iteration (%s, batch %d per process):\n%s", device, solver.batch_size // world,
                  profiler.table())
     elif is_main:
-        atomic_save({"model": model.state_dict(), "iteration": end_iter, "config": to_dict(cfg)}, ckpt_dir / FINAL)
+        atomic_save({**identity, "model": model.state_dict(), "iteration": end_iter}, ckpt_dir / FINAL)
     return TrainResult(end_iter, train_time)

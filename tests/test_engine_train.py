@@ -1,0 +1,131 @@
+"""Training loop with a stand-in detector: schedule, data order, exact resume, NaN stop, atomic and
+corrupt checkpoints, metrics.jsonl, profiling."""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import pytest
+import torch
+
+from engine_fakes import FakeDataset, FakeDetector
+from istr.config import build_config
+from istr.engine.checkpoint import LAST, CheckpointError, atomic_save, load_checkpoint
+from istr.engine.sampling import IterationBatchSampler
+from istr.engine.schedule import lr_factor
+from istr.engine.train import NonFiniteLossError, train
+
+torch.set_num_threads(1)
+LOG = logging.getLogger("test")
+
+
+def tiny_cfg(**overrides):
+    base = {"solver.batch_size": 4, "solver.max_iter": 6, "solver.checkpoint_period": 3, "solver.log_period": 1,
+            "solver.lr": 1e-2, "solver.warmup_iters": 2, "solver.steps": [4], "data.num_workers": 0, "seed": 7}
+    return build_config("tiny", {**base, **overrides})
+
+
+def run(tmp, cfg, model=None, **kw):
+    torch.manual_seed(0)
+    model = model or FakeDetector()
+    train(model, FakeDataset(10), cfg, tmp, torch.device("cpu"), LOG, **kw)
+    return model
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_and_steps():
+    s = tiny_cfg(**{"solver.warmup_iters": 4, "solver.warmup_factor": 0.01, "solver.steps": [6, 8], "solver.gamma": 0.1}).solver
+    assert lr_factor(0, s) == pytest.approx(0.01)
+    assert lr_factor(2, s) == pytest.approx(0.01 * 0.5 + 0.5)
+    assert [lr_factor(i, s) for i in (4, 5, 6, 7, 8, 100)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_sampler_is_pure_sharded_and_covers_each_epoch():
+    one = IterationBatchSampler(10, 4, seed=3)
+    again = IterationBatchSampler(10, 4, seed=3, start_iter=2)
+    assert one.batch_for(7) == again.batch_for(7)
+    shards = [IterationBatchSampler(10, 4, seed=3, rank=r, world_size=2).batch_for(7) for r in range(2)]
+    assert shards[0] + shards[1] == one.batch_for(7)
+    first_epoch = [i for it in range(5) for i, _ in IterationBatchSampler(10, 4, seed=3).batch_for(it)][:10]
+    assert sorted(first_epoch) == list(range(10))
+    assert IterationBatchSampler(10, 4, seed=4).batch_for(0) != one.batch_for(0)
+    with pytest.raises(ValueError, match="divisible"):
+        IterationBatchSampler(10, 3, seed=0, world_size=2)
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run(tmp_path / "full", tiny_cfg())
+    # an interrupted run: stop after the checkpoint at 3, then the same config again resumes to 6
+    run(tmp_path / "split", tiny_cfg(**{"solver.max_iter": 3}))
+    (tmp_path / "split" / "checkpoints" / "final.pth").unlink()
+    resumed = run(tmp_path / "split", tiny_cfg())
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    lines = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert [r["iteration"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]  # noqa: E731
+    assert untimed(read_jsonl(tmp_path / "split" / "metrics.jsonl")) == untimed(lines)
+    assert lines[0]["lr"] == pytest.approx(1e-2 * 0.01) and lines[4]["lr"] == pytest.approx(1e-2 * 0.1)
+    assert lines[0]["loss"] == pytest.approx(lines[0]["loss_l1_s1"] + lines[0]["loss_class_s1"])
+    assert load_checkpoint(tmp_path / "full" / "checkpoints" / LAST)["iteration"] == 6
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["final.pth", "last.pth"]
+
+
+class NaNAt(FakeDetector):
+    """Its loss turns NaN at the ``bad``-th training call."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def forward(self, images, targets=None, **kw):
+        out = super().forward(images, targets, **kw)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.bad:
+                out["loss_class_s1"] = out["loss_class_s1"] * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError) as err:
+        run(tmp_path, tiny_cfg(), model=NaNAt(bad=5))
+    message = str(err.value)
+    assert "\n" not in message and "iteration 5" in message and "loss_class_s1=nan" in message
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / LAST)
+    assert ckpt["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [LAST]  # no .tmp, no final
+
+
+def test_atomic_save_keeps_old_file_on_failure_and_corrupt_file_is_named(tmp_path):
+    path = tmp_path / "ck.pth"
+    atomic_save({"model": {"w": torch.ones(2)}}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise pickle.PicklingError("boom")
+
+    with pytest.raises(pickle.PicklingError):
+        atomic_save({"model": Unpicklable()}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / LAST).write_bytes(b"\x00garbage, not a checkpoint")
+    with pytest.raises(CheckpointError) as err:
+        run(tmp_path / "run", tiny_cfg())
+    assert str(err.value).startswith(str(tmp_path / "run" / "checkpoints" / LAST)) and "\n" not in str(err.value)
+
+
+def test_profile_prints_breakdown_and_writes_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="test"):
+        run(tmp_path, tiny_cfg(), profile_iters=2)
+    table = caplog.text
+    for section in ("data", "backbone", "head", "matcher+losses", "backward", "optimizer", "over 2 iterations"):
+        assert section in table, section
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
