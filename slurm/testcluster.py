@@ -70,6 +70,14 @@ def missing_binaries() -> list[str]:
     return [name for name in REQUIRED_BINARIES if find_binary(name) is None]
 
 
+def host_memory_mb() -> int:
+    """MemTotal in MB, as ``slurmd -C`` reports it."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise ClusterError("cannot read MemTotal from /proc/meminfo")
+
+
 def port_is_free(port: int) -> bool:
     """True if a daemon could listen on ``port`` (the SLURM daemons bind every interface)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -143,10 +151,10 @@ class TestCluster:
     __test__ = False  # not a pytest test class
 
     def __init__(self, state_dir: str | os.PathLike, ports: Optional[Ports] = None, cpus: Optional[int] = None,
-                 memory_mb: int = 4000, timeout_s: float = 30.0):
+                 memory_mb: Optional[int] = None, timeout_s: float = 30.0):
         self.state = Path(state_dir).resolve()
         self.cpus = cpus or os.cpu_count() or 1
-        self.memory_mb = memory_mb
+        self.memory_mb = memory_mb or host_memory_mb()
         self.timeout_s = timeout_s
         self.user = getpass.getuser()
         self.conf = self.state / "etc" / "slurm.conf"
@@ -454,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--state", required=True, help="private directory holding all the cluster's state")
     parser.add_argument("--ports", help="CTLD,SLURMD,DBD,MARIADB (default: free ones, kept across restarts)")
     parser.add_argument("--cpus", type=int, help="CPUs of the node (default: this host's)")
-    parser.add_argument("--memory-mb", type=int, default=4000, help="RealMemory of the node")
+    parser.add_argument("--memory-mb", type=int, help="RealMemory of the node (default: this host's)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole start")
     args = parser.parse_args(argv)
     try:

@@ -119,7 +119,8 @@ def test_cli_stop_kills_only_its_own_cluster_and_restart_keeps_state(slurm_clust
     try:
         daemons = second.running()
         assert set(daemons) == set(testcluster.DAEMONS) and cli("status", "--state", str(state)).returncode == 0
-        first_job = second.client("sbatch", "--parsable", "--wrap", "sleep 300", check=True).stdout.strip()
+        sbatch = ("sbatch", "--parsable", f"--output={state}/%j.out", "--wrap")
+        first_job = second.client(*sbatch, "sleep 300", check=True).stdout.strip()
         wait_for_state(second, first_job, {"RUNNING"})
         assert job_processes(second.conf)
         session_daemons = slurm_cluster.running()
@@ -134,7 +135,7 @@ def test_cli_stop_kills_only_its_own_cluster_and_restart_keeps_state(slurm_clust
 
         assert cli("start", "--state", str(state)).returncode == 0
         assert wait_for_state(second, first_job, {"CANCELLED"}) == "CANCELLED"  # accounting survived the restart
-        next_job = second.client("sbatch", "--parsable", "--wrap", "true", check=True).stdout.strip()
+        next_job = second.client(*sbatch, "true", check=True).stdout.strip()
         assert int(next_job) > int(first_job)
     finally:
         assert cli("stop", "--state", str(state)).returncode == 0
