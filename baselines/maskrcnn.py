@@ -1,7 +1,9 @@
 """torchvision Mask R-CNN behind ISTR's model interface, so that one data pipeline, one training loop and
 one COCOeval serve both (docs/design.md, "Model" and "Baselines").
 
-The differences from a stock ``maskrcnn_resnet50_fpn`` are all about sharing ISTR's pipeline:
+The backbone is ISTR's own (``istr.models.backbone.Backbone``: the same ResNet + FPN, freezing, norm and
+weight loading), so the two detectors differ only in what follows the FPN. The other differences from a
+stock ``maskrcnn_resnet50_fpn`` are all about sharing ISTR's pipeline:
 - our transforms resize, so the internal ``GeneralizedRCNNTransform`` only normalises (with the paper's
   pixel mean/std in 0..255 units, the same as ISTR) and pads to ``size_divisibility``;
 - labels are 0..C-1 outside and 1..C inside (0 is torchvision's background);
@@ -10,20 +12,22 @@ The differences from a stock ``maskrcnn_resnet50_fpn`` are all about sharing IST
 """
 from __future__ import annotations
 
+import copy
+import time
 from collections import OrderedDict
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
-from torchvision.models import resnet
+from torch import Tensor
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops import MultiScaleRoIAlign
 
-from istr.config import ModelConfig
+from istr.config import Config, ModelConfig
+from istr.engine import distributed
+from istr.models.backbone import Backbone
 
 # torchvision's defaults for 800-pixel images: one size per FPN level p2..p6.
 _ANCHOR_SIZES_AT_800 = (32, 64, 128, 256, 512)
@@ -34,39 +38,6 @@ class NormalizeOnlyTransform(GeneralizedRCNNTransform):
 
     def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
         return image, target
-
-
-def build_resnet_fpn(cfg: ModelConfig) -> BackboneWithFPN:
-    """ResNet trunk + FPN (p2..p5 and a max-pooled p6) with ``cfg.backbone.fpn_channels`` channels."""
-    bb = cfg.backbone
-    norm_layer = FrozenBatchNorm2d if bb.norm == "frozen_bn" else nn.BatchNorm2d
-    trunk = getattr(resnet, bb.name)(weights=None, norm_layer=norm_layer)
-    if bb.weights:
-        load_trunk_weights(trunk, bb.weights)
-    # freeze_at k freezes the stem (k >= 1) and res2..res{k} (torchvision layer1..layer{k-1}).
-    trainable = [f"layer{j}." for j in range(max(bb.freeze_at, 1), 5)] + (["conv1.", "bn1."] if bb.freeze_at == 0 else [])
-    for name, param in trunk.named_parameters():
-        param.requires_grad_(any(name.startswith(prefix) for prefix in trainable))
-    stage2_channels = trunk.inplanes // 8  # 64 (BasicBlock) or 256 (Bottleneck)
-    in_channels = [stage2_channels * 2**i for i in range(4)]
-    return_layers = {f"layer{k}": str(k - 1) for k in range(1, 5)}
-    return BackboneWithFPN(trunk, return_layers, in_channels, bb.fpn_channels, extra_blocks=LastLevelMaxPool())
-
-
-def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """Load a torchvision ResNet state dict (or a checkpoint holding one under "model"/"backbone.body.")."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state:
-        state = state["model"]
-    for prefix in ("backbone.body.", "body.", ""):
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if picked and any(k.startswith("layer1.") for k in picked):
-            break
-    else:
-        raise ValueError(f"{path}: no ResNet weights found (expected keys like 'layer1.0.conv1.weight')")
-    missing, _ = trunk.load_state_dict({k: v for k, v in picked.items() if not k.startswith("fc.")}, strict=False)
-    if missing:
-        raise ValueError(f"{path}: ResNet weights miss {len(missing)} keys, e.g. {missing[:3]}")
 
 
 class MaskRCNNBaseline(MaskRCNN):
@@ -113,10 +84,13 @@ def build_maskrcnn(cfg: ModelConfig, score_thresh: float = 0.05, anchor_scale: f
     """
     sizes = tuple((max(1, round(s * anchor_scale)),) for s in _ANCHOR_SIZES_AT_800)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    levels = ["p2", "p3", "p4", "p5"]  # Backbone's names; its p6 ("pool") feeds the RPN only, as in torchvision
     model = MaskRCNNBaseline(
-        build_resnet_fpn(cfg),
+        Backbone(cfg.backbone),
         num_classes=cfg.num_classes + 1,
         rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
         box_score_thresh=score_thresh,
         box_detections_per_img=cfg.detections_per_image,
     )
@@ -126,3 +100,46 @@ def build_maskrcnn(cfg: ModelConfig, score_thresh: float = 0.05, anchor_scale: f
     )
     return model
 
+
+
+def train_and_evaluate(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
+    """The ``maskrcnn`` runner: same data, training loop, evaluation and files as ``istr.engine.job``.
+
+    Writes ``output_dir/{config.yaml, log.txt, metrics.jsonl, checkpoints/, detections.json, metrics.json}``;
+    resumes from ``checkpoints/last.pth``; ``metrics.json`` has one stage ("1"), equal to "final".
+    """
+    from istr.engine import job
+    from istr.engine.checkpoint import atomic_write_json
+    from istr.engine.evaluate import evaluate
+    from istr.engine.train import train
+
+    output_dir, device, log = job._setup(cfg, output_dir)
+    done = job._read_metrics(output_dir)
+    if done is not None:
+        log.info("%s is complete; nothing to do", output_dir)
+        return done
+    cfg = copy.deepcopy(cfg)
+    train_ds, val_ds = job._build_datasets(cfg)
+    cfg.model.num_classes = train_ds.num_classes
+    if cfg.pretrain.enabled:
+        from istr.engine.pretrain import ensure_pretrained_backbone
+
+        cfg.model.backbone.weights = str(ensure_pretrained_backbone(cfg))
+    torch.manual_seed(cfg.seed)
+    model = build_maskrcnn(cfg.model, anchor_scale=cfg.data.min_size_test / 800)
+    job._check_or_write_config(cfg, output_dir)
+    log.info("Mask R-CNN (%s-FPN) on %s, %d train / %d val images, %d classes", cfg.model.backbone.name, device,
+             len(train_ds), len(val_ds), cfg.model.num_classes)
+    result = train(model, train_ds, cfg, output_dir, device, log)
+    start = time.perf_counter()
+    metrics, detections = evaluate(model, val_ds, device, cfg.data.max_val_images, cfg.model.mask_threshold,
+                                   all_stages=True, num_workers=cfg.data.num_workers)
+    metrics.update(iterations=result.iterations, train_time_s=result.train_time_s,
+                   eval_time_s=time.perf_counter() - start)
+    if distributed.rank() == 0:
+        atomic_write_json(output_dir / "detections.json", detections)
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        log.info("final: mask AP %s, box AP %s (%d val images)", metrics["final"].get("mask_AP"),
+                 metrics["final"].get("box_AP"), metrics["num_val_images"])
+    distributed.barrier()
+    return metrics

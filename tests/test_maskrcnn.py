@@ -106,3 +106,19 @@ def test_anchor_sizes_follow_the_test_resolution():
     model = build_maskrcnn(tiny_cfg(), anchor_scale=0.25)
     assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
     assert model.backbone.out_channels == 32  # cfg.backbone.fpn_channels of the tiny preset
+
+
+def test_runner_trains_evaluates_writes_the_job_files_and_resumes(tmp_path):
+    from baselines.maskrcnn import train_and_evaluate
+
+    cfg = build_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "solver.max_iter=2", "solver.steps=[1]",
+                                "solver.checkpoint_period=2", "data.max_val_images=2"])
+    out = tmp_path / "job"
+    metrics = train_and_evaluate(cfg, out)
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "detections.json", "metrics.json", "checkpoints/last.pth"):
+        assert (out / name).is_file(), name
+    assert metrics["iterations"] == 2 and metrics["num_val_images"] == 2
+    assert set(metrics["stages"]) == {"1"} and metrics["final"] == metrics["stages"]["1"]
+    assert 0.0 <= metrics["final"]["mask_AP"] <= 100.0 and metrics["train_time_s"] > 0
+    (out / "checkpoints" / "last.pth").unlink()  # a finished job is not retrained
+    assert train_and_evaluate(cfg, out) == metrics
