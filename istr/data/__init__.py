@@ -1,18 +1,23 @@
-"""Data: the synthetic shapes dataset, COCO-format reading with validation, transforms, batching."""
-from istr.data.build import build_datasets, collate, dataset_paths
-from istr.data.coco import CocoDetection
-from istr.data.mask_stream import mask_stream
-from istr.data.shapes import ensure_synthetic
-from istr.data.transforms import build_transforms
-from istr.data.validate import DatasetError
+"""Data: the synthetic shapes dataset, COCO-format reading with validation, transforms, batching.
 
-__all__ = [
-    "CocoDetection",
-    "DatasetError",
-    "build_datasets",
-    "build_transforms",
-    "collate",
-    "dataset_paths",
-    "ensure_synthetic",
-    "mask_stream",
-]
+Names are imported on first use, so ``python -m istr.data.validate`` starts without torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "CocoDetection": "istr.data.coco",
+    "DatasetError": "istr.data.validate",
+    "build_datasets": "istr.data.build",
+    "build_transforms": "istr.data.transforms",
+    "collate": "istr.data.build",
+    "dataset_paths": "istr.data.build",
+    "ensure_synthetic": "istr.data.shapes",
+    "mask_stream": "istr.data.mask_crops",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'istr.data' has no attribute {name!r}")
