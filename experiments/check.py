@@ -62,7 +62,8 @@ def expected_values(agg: aggregate.Aggregate, baselines_dir: Path) -> dict[tuple
             for row in entry.rows for metric in entry.measured_columns if metric in cells.get(row, {})}
 
 
-def check(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DIR, out=sys.stdout) -> int:
+def check(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DIR, out=None) -> int:
+    out = out or sys.stdout
     try:
         expected = expected_values(agg, baselines_dir)
     except (OSError, ValueError, KeyError) as err:

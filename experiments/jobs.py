@@ -8,6 +8,7 @@ it left a complete metrics.json. Runners are imported only when a job runs.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -122,7 +123,9 @@ def provenance() -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """Short commit of this checkout (+dirty with uncommitted tracked changes); read once per process."""
     repo = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)

@@ -97,7 +97,7 @@ class LocalExecutor(Executor):
                 try:
                     outcome = _outcome(job.result())
                 except Exception as err:
-                    outcome = Outcome("failed", time.perf_counter() - start, f"{type(err).__name__}: {err}".splitlines()[0])
+                    outcome = Outcome("failed", time.perf_counter() - start, _exception_line(err))
                 outcomes[key] = outcome
                 progress(task, "end", outcome)
             if running:
@@ -108,6 +108,13 @@ class LocalExecutor(Executor):
         if self.max_parallel:
             return self.max_parallel
         return max(1, (os.cpu_count() or 1) // max(1, int(task.resources.get("cpus_per_task", 1))))
+
+
+def _exception_line(err: Exception) -> str:
+    """The job's own exception line out of submitit's FailedJobError (trace between dashed rules)."""
+    parts = str(err).split("-" * 22)
+    lines = [line.strip() for line in (parts[1] if len(parts) >= 3 else str(err)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 EXECUTORS: dict[str, type[Executor]] = {"debug": DebugExecutor, "local": LocalExecutor}

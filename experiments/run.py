@@ -19,6 +19,7 @@ Exit status: 0 all jobs complete, 1 a job failed, 2 bad input (nothing written).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -78,7 +79,8 @@ def plan(names: Sequence[str], scale: str, results_root: str | Path, seeds: int 
     return list(planned.values())
 
 
-def print_plan(jobs_: Sequence[PlannedJob], scale: str, out=sys.stdout) -> None:
+def print_plan(jobs_: Sequence[PlannedJob], scale: str, out=None) -> None:
+    out = out or sys.stdout
     todo = [j for j in jobs_ if j.state != "cached"]
     print(f"plan: {len(jobs_)} job(s) at scale '{scale}', {len(jobs_) - len(todo)} cached, {len(todo)} to run", file=out)
     for job in jobs_:
@@ -88,7 +90,8 @@ def print_plan(jobs_: Sequence[PlannedJob], scale: str, out=sys.stdout) -> None:
               f"{res.get('mem_gb')}G, {res.get('time_min')}min]  {', '.join(job.uses)}", file=out)
 
 
-def list_entries(out=sys.stdout) -> None:
+def list_entries(out=None) -> None:
+    out = out or sys.stdout
     for name in registry.names():
         entry = registry.get(name)
         print(f"{name}: {entry.title}  [{entry.source.get('table')}, {entry.source.get('split')}]", file=out)
@@ -100,9 +103,10 @@ def list_entries(out=sys.stdout) -> None:
 
 
 def execute_plan(jobs_: Sequence[PlannedJob], executor_name: str, results_root: Path,
-                 max_parallel: int | None = None, out=sys.stdout) -> dict[str, Any]:
+                 max_parallel: int | None = None, out=None) -> dict[str, Any]:
     from experiments.launch import Task, make_executor
 
+    out = out or sys.stdout
     todo = [j for j in jobs_ if j.state != "cached"]
     tasks = [Task(j.digest, j.uses[0], jobs.execute, (j.spec, str(j.directory), j.required), j.resources) for j in todo]
     executor = make_executor(executor_name, results_root / "_submitit", max_parallel)
@@ -127,6 +131,14 @@ def execute_plan(jobs_: Sequence[PlannedJob], executor_name: str, results_root: 
 
 def report_path_stem(name: str, scale: str) -> str:
     return name if scale == "smoke" else f"{name}-{scale}"
+
+
+def _is_override(token: str) -> bool:
+    """``key=value`` whose key starts with a top-level config field (``l=40`` is a label, not an override)."""
+    from istr.config import Config
+
+    key = token.split("=", 1)[0]
+    return "=" in token and key.split(".")[0] in {f.name for f in dataclasses.fields(Config)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,9 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.executor not in EXECUTORS:
             raise ConfigError(f"unknown executor '{args.executor}'; choose one of {', '.join(EXECUTORS)}")
-        labels = {label for n in names for label in registry.get(n).labels}
-        only = [t for t in args.only if t in labels or "=" not in t]  # `--only l=40 a.b=1`: a.b=1 is an override
-        overrides = [t for t in args.only if t not in only] + list(args.overrides)
+        only = [t for t in args.only if not _is_override(t)]  # `--only l=40 a.b=1`: a.b=1 is an override
+        overrides = [t for t in args.only if _is_override(t)] + list(args.overrides)
         root = store.results_root(args.results_root)
         planned = plan(names, args.scale, root, args.seeds, only, overrides)
     except ConfigError as err:

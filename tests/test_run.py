@@ -1,0 +1,128 @@
+"""The runner CLI: planning (shared default job), dry run, caching, bad input, executors."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import jobs, launch, run, store
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL = ["mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl",
+         "box_AP", "box_AP50", "box_AP75", "box_APs", "box_APm", "box_APl"]
+
+
+@pytest.fixture
+def fake_runners(monkeypatch):
+    """Every runner replaced by one that writes metrics computed from the config; calls are counted."""
+    calls = []
+
+    def fake(cfg, output_dir, options=None):
+        calls.append(cfg.seed)
+        base = 20 + cfg.model.mask.components / 100 + (cfg.seed % 3)
+        final = {m: base + i for i, m in enumerate(FINAL)}
+        stages = {str(k): {m: v - 1 + k / cfg.model.head.num_stages for m, v in final.items()} for k in range(1, cfg.model.head.num_stages + 1)}
+        store.write_json_atomic(output_dir / "metrics.json", {"final": final, "stages": stages, "fps": 2.0, "time_ms": 500.0,
+                                                              "explained_variance_ratio": [1 / 784] * 784})
+
+    for name in jobs.RUNNERS:
+        monkeypatch.setitem(jobs.RUNNERS, name, fake)
+    return calls
+
+
+def test_default_model_is_planned_once_for_all_of_table1(tmp_path):
+    names = ["table1a", "table1b", "table1c", "table1d", "table1e", "fig3"]
+    planned = run.plan(names, "smoke", tmp_path)
+    shared = [j for j in planned if "table1a/l=60/seed0" in j.uses]
+    assert len(shared) == 1 and len(shared[0].uses) == 6
+    assert len(planned) == 4 + 3 + 2 + 1 + 3 + 3  # 13 non-default variants + 3 seeds of the default
+    assert {j.state for j in planned} == {"new"}
+    assert ("stages", "6", "box_AP") in shared[0].required and ("final", "mask_AP") in shared[0].required
+
+
+def test_dry_run_is_fast_lists_the_plan_and_writes_nothing(tmp_path):
+    env = {**os.environ, "ISTR_RESULTS": str(tmp_path / "results")}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "all", "--dry-run", "--reports-dir", str(tmp_path / "r")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert elapsed < 2.0, f"dry run took {elapsed:.2f} s"
+    assert "plan: 24 job(s) at scale 'smoke', 0 cached, 24 to run" in out.stdout
+    assert "table1a/l=60/seed0, table1b/cosine/seed0" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_shows_entries_and_reported_rows(capsys):
+    assert run.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "table1e: " in out and "avg+pos" in out and "SOLOv2 R101" in out and "reported only" in out
+
+
+def test_run_report_then_everything_cached(tmp_path, fake_runners, capsys):
+    args = ["table1c", "--scale", "tiny", "--executor", "debug", "--results-root", str(tmp_path / "res"),
+            "--reports-dir", str(tmp_path / "rep"), "--seeds", "2", "model.head.num_proposals=8"]
+    assert run.main(args) == 0
+    out = capsys.readouterr().out
+    assert "[6/6]" in out and "overall 6/6 finished, 0 failed" in out
+    assert len(fake_runners) == 6 and (tmp_path / "rep" / "table1c-tiny.md").exists()
+    assert run.main(args) == 0
+    assert len(fake_runners) == 6  # nothing ran again
+    assert "6 cached, 0 to run" in capsys.readouterr().out
+
+
+def test_only_runs_the_named_variants(tmp_path, fake_runners):
+    args = ["table1a", "--scale", "tiny", "--executor", "debug", "--results-root", str(tmp_path), "--reports-dir",
+            str(tmp_path / "rep"), "--only", "l=40", "mask", "model.head.num_proposals=8"]
+    assert run.main(args) == 0
+    assert len(fake_runners) == 2
+    spec_configs = [store.read_json(p)["config"] for p in tmp_path.glob("*/spec.json")]
+    assert sorted(c["model"]["mask"]["representation"] for c in spec_configs) == ["pca", "raw"]
+    assert {c["model"]["head"]["num_proposals"] for c in spec_configs} == {8}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["table9"], "unknown experiment 'table9'; choose one of table1a"),
+    (["table1a", "--only", "l=50"], "unknown variant 'l=50' for table1a; choose one of"),
+    (["table1a", "model.mask.componets=40"], "unknown config key 'model.mask.componets'; did you mean model.mask.components"),
+    (["table1a", "model.mask.components=forty"], "model.mask.components: expected an integer, got 'forty'"),
+    (["table1a", "model.head.interaction=conv"], "choose one of 'dynamic', 'multihead'"),
+    (["table1a", "--scale", "huge"], "unknown scale 'huge'; choose one of tiny, smoke, paper"),
+    (["table1a", "--executor", "cloud"], "unknown executor 'cloud'; choose one of debug, local"),
+])
+def test_bad_input_one_line_nonzero_nothing_written(tmp_path, capsys, fake_runners, args, message):
+    code = run.main(args + ["--results-root", str(tmp_path / "res"), "--reports-dir", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert list(tmp_path.iterdir()) == [] and fake_runners == []
+
+
+def test_failed_job_gives_exit_1_and_the_others_still_run(tmp_path, fake_runners, monkeypatch, capsys):
+    good = jobs.RUNNERS["istr"]
+
+    def flaky(cfg, output_dir, options=None):
+        if cfg.model.loss.mask_loss == "dice":
+            raise RuntimeError("diverged")
+        good(cfg, output_dir)
+
+    monkeypatch.setitem(jobs.RUNNERS, "istr", flaky)
+    code = run.main(["table1c", "--scale", "tiny", "--executor", "debug", "--results-root", str(tmp_path),
+                     "--reports-dir", str(tmp_path / "rep")])
+    assert code == 1 and len(fake_runners) == 2
+    assert "failed" in capsys.readouterr().out
+
+
+def test_local_executor_runs_tasks_in_subprocesses(tmp_path):
+    target = tmp_path / "out.json"
+    tasks = [launch.Task("k1", "write", store.write_json_atomic, (str(target), {"ok": 1}), {"time_min": 1}),
+             launch.Task("k2", "bad", store.write_json_atomic, (str(tmp_path / "no" / "x.json"), {1j}), {"time_min": 1})]
+    events = []
+    outcomes = launch.make_executor("local", tmp_path / "submitit", max_parallel=2).run(
+        tasks, lambda task, event, outcome: events.append((task.key, event)))
+    assert outcomes["k1"].status == "done" and outcomes["k2"].status == "failed" and "TypeError" in outcomes["k2"].error
+    assert store.read_json(target) == {"ok": 1}
+    assert len(list((tmp_path / "submitit").glob("*/*_log.out"))) == 2  # each ran as a submitit job
+    assert sorted(events) == [("k1", "end"), ("k1", "start"), ("k2", "end"), ("k2", "start")]
