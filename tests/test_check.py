@@ -1,0 +1,79 @@
+"""experiments.check: exit 0 (pass), 1 (regression), 2 (missing / incomplete / no baseline)."""
+import json
+
+import pytest
+
+from experiments import check, jobs, registry, store
+
+FINAL = ["mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl",
+         "box_AP", "box_AP50", "box_AP75", "box_APs", "box_APm", "box_APl"]
+
+
+def put(root, name, label, scale, seed, values):
+    _, spec, digest = jobs.for_variant(registry.get(name), label, scale, (), seed)
+    directory = store.result_dir(root, digest)
+    store.write_json_atomic(directory / "spec.json", spec)
+    store.write_json_atomic(directory / "metrics.json", {"final": values})
+    return directory
+
+
+def values(offset):
+    return {m: 20.0 + offset + i for i, m in enumerate(FINAL)}
+
+
+@pytest.fixture
+def smoke_results(tmp_path):
+    """table1d at smoke scale: 3 seeds of the default (spread 0.5), one of multi-head."""
+    dirs = {f"dynamic/{s}": put(tmp_path / "res", "table1d", "dynamic", "smoke", s, values(o)) for s, o in enumerate([0.0, 0.5, -0.5])}
+    dirs["multi-head/0"] = put(tmp_path / "res", "table1d", "multi-head", "smoke", 0, values(-5.0))
+    return tmp_path, dirs
+
+
+def run_check(tmp_path, *extra, scale="smoke"):
+    return check.main(["table1d", "--scale", scale, "--results-root", str(tmp_path / "res"),
+                       "--baselines-dir", str(tmp_path / "baselines"), *extra])
+
+
+def test_smoke_check_pass_regression_missing(smoke_results, capsys):
+    tmp_path, dirs = smoke_results
+    assert run_check(tmp_path) == 2  # no baseline yet: never a pass
+    assert "MISSING baseline" in capsys.readouterr().out
+    assert run_check(tmp_path, "--update-baseline") == 0
+    baseline = json.loads((tmp_path / "baselines" / "table1d.json").read_text())
+    cell = baseline["cells"]["dynamic"]["mask_AP"]
+    assert cell["value"] == pytest.approx(20.0) and cell["seeds"] == 3
+    assert cell["tolerance"] == pytest.approx(3 * 0.5)  # std_factor 3 x pooled std 0.5 beats the 1.0 AP floor
+    assert baseline["cells"]["multi-head"]["box_AP75"]["tolerance"] == pytest.approx(1.5)
+
+    assert run_check(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "PASS table1d | multi-head | mask_AP: ours 15.000, expected 15.000 ± 1.500" in out
+    assert "12 checked: 12 pass, 0 fail, 0 missing" in out
+
+    store.write_json_atomic(dirs["multi-head/0"] / "metrics.json", {"final": values(-3.0)})  # +2 AP: beyond 1.5
+    assert run_check(tmp_path) == 1
+    assert "FAIL table1d | multi-head | mask_AP: ours 17.000, expected 15.000 ± 1.500 (delta +2.000)" in capsys.readouterr().out
+
+    (dirs["multi-head/0"] / "metrics.json").write_text('{"final": {"mask_AP": 15.0')  # corrupt = incomplete
+    assert run_check(tmp_path) == 2
+    assert "MISSING table1d | multi-head | mask_AP: no complete result" in capsys.readouterr().out
+
+
+def test_paper_scale_compares_with_the_paper(tmp_path, capsys):
+    paper = registry.get("table1d").reference
+    for label in ("multi-head", "dynamic"):
+        put(tmp_path / "res", "table1d", label, "paper", 0, {m: paper.loc[label, m] + 0.4 for m in paper.columns} | {m: 0.0 for m in FINAL if m not in paper.columns})
+    assert run_check(tmp_path, scale="paper") == 0
+    assert "PASS table1d | dynamic | mask_AP: ours 34.600, expected 34.200 ± 1.000" in capsys.readouterr().out
+    put(tmp_path / "res", "table1d", "dynamic", "paper", 0, {m: paper.loc["dynamic", m] - 1.5 for m in paper.columns})
+    assert run_check(tmp_path, scale="paper") == 1
+    directory = put(tmp_path / "res", "table1d", "multi-head", "paper", 0, {})
+    (directory / "metrics.json").unlink()
+    assert run_check(tmp_path, scale="paper") == 2  # missing takes precedence over a failure
+
+
+def test_bad_name_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert check.main(["table7", "--results-root", str(tmp_path), "--baselines-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown experiment 'table7'; choose one of table1a" in err
+    assert list(tmp_path.iterdir()) == []
