@@ -84,9 +84,6 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
         (output_dir / "metrics.json").unlink(missing_ok=True)  # partial or corrupt: the runner rewrites it
         store.write_json_atomic(output_dir / "spec.json", spec)
         cfg = from_dict(spec["config"])
-        tmp = output_dir / ".config.yaml.tmp"
-        dump(cfg, tmp)
-        os.replace(tmp, output_dir / "config.yaml")
         run = {**provenance(), "hash": output_dir.name, "status": "running", "start": _now()}
         store.write_json_atomic(output_dir / "run.json", run)
         start = time.perf_counter()
@@ -103,6 +100,10 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
                        traceback=traceback.format_exc())
             store.write_json_atomic(output_dir / "run.json", run)
             raise
+        if not (output_dir / "config.yaml").exists():  # the engine writes its own (with the dataset's class count)
+            tmp = output_dir / ".config.yaml.tmp"
+            dump(cfg, tmp)
+            os.replace(tmp, output_dir / "config.yaml")
         run.update(status="done", end=_now(), wall_s=time.perf_counter() - start)
         store.write_json_atomic(output_dir / "run.json", run)
         return {"status": "done", "wall_s": run["wall_s"]}

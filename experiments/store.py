@@ -1,7 +1,7 @@
 """Result directories keyed by a canonical hash of the job spec.
 
     results/<hash>/spec.json      the job spec {runner, config, options}: what was hashed
-    results/<hash>/config.yaml    the resolved config, for humans and for ``istr.config.load``
+    results/<hash>/config.yaml    the config as run (the engine's, else written by jobs.execute at the end)
     results/<hash>/run.json       status, host, versions, start/end, wall time (written by jobs.execute)
     results/<hash>/metrics.json   written by the runner, last: its presence with every required key = complete
     results/<hash>/.lock          held (filelock) while a process runs the job
