@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from istr.config import ConfigError, DataConfig, SyntheticConfig, to_dict
 
-GENERATOR_VERSION = 1  # bump when the output changes: it is part of the cache key
+GENERATOR_VERSION = 2  # bump when the output changes: it is part of the cache key
 CATEGORIES = ("disc", "ring", "triangle", "ell", "star")
 SPLITS = {"train": ("train2017", 1), "val": ("val2017", 2)}  # split -> (directory name, seed stream)
 
 MAX_OBJECTS = 6
-SCALE_RANGE = (0.06, 0.45)  # object radius as a fraction of the image's short side, log-uniform
+SCALE_RANGE = (0.06, 0.7)  # object radius as a fraction of the short side, log-uniform; ~3% of instances are COCO-large at 176x128
 MIN_VISIBLE_PIXELS = 16
 MIN_VISIBLE_FRACTION = 0.25  # of the object's pixels inside the image
 
