@@ -97,6 +97,8 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty))
                 continue
             cost = self.cost_matrix(outputs["pred_logits"][i], outputs["pred_boxes"][i], outputs["pred_masks"][i], target)
+            # diverged predictions (NaN/inf) must reach the loss, where training stops with a clear message
+            cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
