@@ -25,7 +25,7 @@ VAL_LAYOUTS = (("instances_val2017.json", "val2017"), ("instances_val.json", "va
 
 def resolve_data(data: str, images: Optional[str]) -> tuple[str, str]:
     """``(annotation file, images dir)`` from ``--data`` / ``--images``."""
-    from istr.data import DatasetError
+    from istr.data.validate import DatasetError
 
     path = Path(data)
     if path.is_dir():
@@ -59,7 +59,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     import torch
 
-    from istr.data import CocoDetection, DatasetError, build_transforms
+    from istr.data.coco import CocoDetection
+    from istr.data.transforms import build_transforms
+    from istr.data.validate import DatasetError
     from istr.engine import distributed
     from istr.engine.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
     from istr.engine.evaluate import evaluate, metric_names

@@ -24,7 +24,8 @@ class FakeCriterion(nn.Module):
         l1 = sum((b[None] - t["boxes"] / SIZE).abs().sum() for b, t in zip(boxes, targets)) / num
         ce = sum(nn.functional.cross_entropy(lg[None].expand(len(t["labels"]), -1), t["labels"], reduction="sum")
                  for lg, t in zip(logits, targets)) / num
-        return {"loss_l1_s1": 5.0 * l1, "loss_class_s1": 2.0 * ce}
+        jitter = 1.0 + 0.1 * torch.rand(())  # training randomness from the global RNG, like ISTR's soft mask targets
+        return {"loss_l1_s1": 5.0 * l1 * jitter, "loss_class_s1": 2.0 * ce}
 
 
 class FakeDetector(nn.Module):

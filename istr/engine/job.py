@@ -108,6 +108,7 @@ def _pca_masks(train_ds: Any, resolution: int):
 def fit_or_load_pca(cfg: Config, train_ds: Any, components: Optional[int] = None, log: Optional[logging.Logger] = None):
     """The training set's mask PCA (``MaskCodec``), fitted once and cached under
     ``cfg.data.cache_dir/pca-<hash>/pca.pt``; ``cfg.model.mask.pca_file`` overrides."""
+    from istr.data import DatasetError
     from istr.models.mask_coding import MaskCodec, fit_pca
 
     mask = cfg.model.mask
@@ -122,8 +123,11 @@ def fit_or_load_pca(cfg: Config, train_ds: Any, components: Optional[int] = None
     with FileLock(str(cache / ".lock")):
         if not path.exists():
             start = time.perf_counter()
-            codec = fit_pca(_pca_masks(train_ds, mask.resolution), components, mask.soft_r_min, mask.soft_r_max,
-                            seed=cfg.seed, source=key, resolution=mask.resolution)
+            try:
+                codec = fit_pca(_pca_masks(train_ds, mask.resolution), components, mask.soft_r_min, mask.soft_r_max,
+                                seed=cfg.seed, source=key, resolution=mask.resolution)
+            except ValueError as err:  # e.g. fewer training masks than components
+                raise DatasetError(f"{getattr(train_ds, 'ann_file', 'training set')}: cannot fit the mask PCA ({err})") from None
             codec.save(path)
             atomic_write_text(cache / "key.json", key + "\n")
             if log:

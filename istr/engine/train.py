@@ -147,8 +147,10 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                               find_unused_parameters=True)
     sampler = IterationBatchSampler(len(dataset), solver.batch_size, cfg.seed, rank, world, start_iter)
+    # own generator: creating the loader's iterator must not draw from the global RNG that the model uses
     loader = DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda")
+                        collate_fn=collate, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
     profiler = StepProfiler(model, device) if profile_iters else None
     params = [p for p in model.parameters() if p.requires_grad]
