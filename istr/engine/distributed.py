@@ -85,10 +85,10 @@ def barrier() -> None:
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Mean over ranks of a dict of floats (same keys on every rank); identity in one process."""
+    """Mean over ranks of a dict of floats (same keys in the same order on every rank); identity in one process."""
     if not dist.is_initialized() or not values:
         return dict(values)
-    keys = sorted(values)
+    keys = list(values)
     packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     packed /= dist.get_world_size()
