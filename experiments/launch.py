@@ -2,6 +2,7 @@
 
     debug  in this process, one after the other (tracebacks surface directly; no pickling)
     local  submitit.LocalExecutor: one subprocess per job, at most ``max_parallel`` at a time
+    slurm  submitit.SlurmExecutor: one job array per table (experiments/slurm_executor.py)
 
 An executor takes ``Task``s (a picklable function and its arguments, plus the job's resources) and
 reports each one's start and end through a callback; adding one (e.g. SLURM through
@@ -110,6 +111,12 @@ class LocalExecutor(Executor):
         return max(1, (os.cpu_count() or 1) // max(1, int(task.resources.get("cpus_per_task", 1))))
 
 
+def _slurm_executor(folder: str | Path, max_parallel: int | None = None, **options: Any) -> Executor:
+    from experiments.slurm_executor import SlurmExecutor  # a module of its own, loaded only when asked for
+
+    return SlurmExecutor(folder, max_parallel, **options)
+
+
 def _exception_line(err: Exception) -> str:
     """The job's own exception line out of submitit's FailedJobError (trace between dashed rules)."""
     parts = str(err).split("-" * 22)
@@ -117,10 +124,12 @@ def _exception_line(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-EXECUTORS: dict[str, type[Executor]] = {"debug": DebugExecutor, "local": LocalExecutor}
+EXECUTORS: dict[str, Callable[..., Executor]] = {"debug": DebugExecutor, "local": LocalExecutor,
+                                                  "slurm": _slurm_executor}
 
 
-def make_executor(name: str, folder: str | Path, max_parallel: int | None = None) -> Executor:
+def make_executor(name: str, folder: str | Path, max_parallel: int | None = None, **options: Any) -> Executor:
+    """``options``: executor-specific keywords (slurm: experiments.slurm_executor.options_from_args)."""
     if name not in EXECUTORS:
         raise ConfigError(f"unknown executor '{name}'; choose one of {', '.join(EXECUTORS)}")
-    return EXECUTORS[name](folder, max_parallel)
+    return EXECUTORS[name](folder, max_parallel, **options)

@@ -1,7 +1,10 @@
 """Run the experiments of the paper: ``python -m experiments.run NAME|all [options] [key=value ...]``.
 
     --scale tiny|smoke|paper   istr.config preset + the entry's scale settings (default smoke)
-    --executor debug|local     in-process loop | submitit local subprocesses (default local)
+    --executor debug|local|slurm   in-process loop | submitit local subprocesses | one SLURM array per
+                               table (default local; --slurm KEY=VALUE, --sbatch, --slurm-config,
+                               --slurm-folder: see experiments/slurm_executor.py, slurm/README.md)
+    --status                   show each job's state (its SLURM job and log, once submitted) and stop
     --dry-run                  print the plan (jobs, hashes, cached or not, resources) and stop
     --list                     list the entries and their variants
     --seeds N                  N seeds per variant (seed i sets cfg.seed += i); default: the scale's
@@ -28,7 +31,7 @@ from typing import Any, Sequence
 
 from istr.config import ConfigError
 
-from experiments import jobs, registry, store
+from experiments import jobs, registry, slurm_executor, store
 
 
 @dataclass
@@ -103,13 +106,13 @@ def list_entries(out=None) -> None:
 
 
 def execute_plan(jobs_: Sequence[PlannedJob], executor_name: str, results_root: Path,
-                 max_parallel: int | None = None, out=None) -> dict[str, Any]:
+                 max_parallel: int | None = None, out=None, executor_options: dict | None = None) -> dict[str, Any]:
     from experiments.launch import Task, make_executor
 
     out = out or sys.stdout
     todo = [j for j in jobs_ if j.state != "cached"]
     tasks = [Task(j.digest, j.uses[0], jobs.execute, (j.spec, str(j.directory), j.required), j.resources) for j in todo]
-    executor = make_executor(executor_name, results_root / "_submitit", max_parallel)
+    executor = make_executor(executor_name, results_root / "_submitit", max_parallel, **(executor_options or {}))
     index = {t.key: i + 1 for i, t in enumerate(tasks)}
     counts = {"finished": 0, "failed": 0}
     start = time.perf_counter()
@@ -153,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-root", default=None)
     parser.add_argument("--reports-dir", default="reports")
     parser.add_argument("--only", nargs="+", default=[], metavar="LABEL")
-    parser.add_argument("--max-parallel", type=int, default=None, help="local executor: jobs at once")
+    parser.add_argument("--max-parallel", type=int, default=None, help="local executor: jobs at once; slurm: array parallelism")
+    parser.add_argument("--status", action="store_true", help="show each job's state and stop")
+    slurm_executor.add_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     if args.list:
         list_entries()
@@ -172,13 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = [t for t in args.only if _is_override(t)] + list(args.overrides)
         root = store.results_root(args.results_root)
         planned = plan(names, args.scale, root, args.seeds, only, overrides)
+        executor_options = slurm_executor.options_from_args(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.status:
+        slurm_executor.print_status(planned, slurm_executor.job_folder(args.slurm_folder, root / "_submitit"))
+        return 0
     print_plan(planned, args.scale)
     if args.dry_run:
         return 0
-    outcomes = execute_plan(planned, args.executor, root, args.max_parallel)
+    try:
+        outcomes = execute_plan(planned, args.executor, root, args.max_parallel, executor_options=executor_options)
+    except ConfigError as err:  # e.g. SLURM refused the first array (bad partition, impossible resources)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     failed = [k for k, o in outcomes.items() if o.status == "failed"]
     from experiments import report
 

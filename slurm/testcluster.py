@@ -33,7 +33,7 @@ DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # start ord
 REQUIRED_BINARIES = DAEMONS + ("mungekey", "munge", "unmunge", "mariadb-install-db", "mariadb", "mariadb-admin",
                                "sacctmgr", "scontrol", "sinfo", "squeue", "scancel", "sbatch", "sacct", "srun")
 PARTITION = "debug"
-NODE = "c1"
+NODE = socket.gethostname().split(".")[0]  # a resolvable node name: jobs use it as MASTER_ADDR for DDP
 PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, so outgoing connections do not take them
 POLL_S = 0.1
 
