@@ -73,6 +73,8 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
 
     output_dir = Path(output_dir)
     required = [tuple(k) for k in required]
+    if int(os.environ.get("RANK", "0")) > 0:  # a multi-task SLURM job: only rank 0 keeps the books
+        return _execute_other_rank(spec, output_dir, required)
     lock = store.lock(output_dir)
     try:
         lock.acquire(timeout=0)
@@ -88,9 +90,7 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
         store.write_json_atomic(output_dir / "run.json", run)
         start = time.perf_counter()
         try:
-            function = runner_function(spec["runner"])
-            args = (cfg, output_dir, spec["options"]) if spec.get("options") else (cfg, output_dir)
-            function(*args)
+            _call_runner(spec, cfg, output_dir)
             metrics = store.read_metrics(output_dir)
             missing = store.missing_keys(metrics, required) if metrics is not None else ["metrics.json"]
             if missing:
@@ -109,6 +109,20 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
         return {"status": "done", "wall_s": run["wall_s"]}
     finally:
         lock.release()
+
+
+def _call_runner(spec: dict[str, Any], cfg, output_dir: Path) -> None:
+    function = runner_function(spec["runner"])
+    function(*((cfg, output_dir, spec["options"]) if spec.get("options") else (cfg, output_dir)))
+
+
+def _execute_other_rank(spec: dict[str, Any], output_dir: Path, required: list[tuple[str, ...]]) -> dict[str, Any]:
+    """DDP rank > 0: trains beside rank 0 (which holds the lock and writes run.json), or skips with it."""
+    if store.is_complete(output_dir, required):
+        return {"status": "cached", "wall_s": 0.0}
+    start = time.perf_counter()
+    _call_runner(spec, from_dict(spec["config"]), output_dir)
+    return {"status": "done", "wall_s": time.perf_counter() - start}
 
 
 def provenance() -> dict[str, Any]:

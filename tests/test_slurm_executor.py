@@ -141,6 +141,22 @@ def test_bad_settings_are_one_line_errors(tmp_path, content, kw, message):
         slurm_executor.options_from_args(args_for(slurm_config="/no/such.yaml"))
 
 
+def test_rank_above_zero_trains_without_the_books(tmp_path, monkeypatch):
+    """In a multi-task job every rank calls jobs.execute: rank 0 holds the lock, the others train beside it."""
+    from experiments import jobs, store
+
+    calls = []
+    monkeypatch.setitem(jobs.RUNNERS, "fake", lambda cfg, out: calls.append(Path(out)))
+    spec = {"runner": "fake", "config": {}}
+    with store.lock(tmp_path).acquire(timeout=0):  # rank 0 is running the job
+        assert jobs.execute(spec, tmp_path)["status"] == "busy" and calls == []
+        monkeypatch.setenv("RANK", "1")
+        assert jobs.execute(spec, tmp_path)["status"] == "done" and calls == [tmp_path]
+    assert not (tmp_path / "run.json").exists()
+    store.write_json_atomic(tmp_path / "metrics.json", {"final": {"mask_AP": 1.0}})
+    assert jobs.execute(spec, tmp_path, [("final", "mask_AP")])["status"] == "cached" and len(calls) == 1
+
+
 # ---------------------------------------------------------------------------------------------- against the cluster
 def test_one_array_per_table_completes_with_records_and_status(slurm_env, tmp_path, capsys):
     executor = slurm_executor.SlurmExecutor(tmp_path / "submitit", max_parallel=2)
