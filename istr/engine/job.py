@@ -105,14 +105,13 @@ def _pca_masks(train_ds: Any, resolution: int):
     return mask_stream(train_ds, resolution=resolution)
 
 
-def fit_or_load_pca(cfg: Config, train_ds: Any, components: Optional[int] = None, log: Optional[logging.Logger] = None):
+def fit_or_load_pca(cfg: Config, train_ds: Any, log: Optional[logging.Logger] = None):
     """The training set's mask PCA (``MaskCodec``), fitted once and cached under
     ``cfg.data.cache_dir/pca-<hash>/pca.pt``; ``cfg.model.mask.pca_file`` overrides."""
     from istr.data import DatasetError
     from istr.models.mask_coding import MaskCodec, fit_pca
 
-    mask = cfg.model.mask
-    components = components or mask.components
+    mask, components = cfg.model.mask, cfg.model.mask.components
     if mask.pca_file:
         return MaskCodec.load(mask.pca_file)
     key = json.dumps({"data": dataset_identity(train_ds), "components": components, "resolution": mask.resolution,
@@ -224,16 +223,19 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def fit_pca_job(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
-    """Figure 1: fit the full l = R*R PCA on the training masks, write the explained-variance ratios."""
+    """Figure 1: the explained-variance ratio of all R*R principal components of the training masks.
+
+    The PCA is an exact eigendecomposition, so the ratio of the first k components does not depend on
+    how many are kept: the curve is read from the (cached) fit that training uses, which stores all R*R.
+    """
     output_dir, _, log = _setup(cfg, output_dir)
     done = _read_metrics(output_dir)
     if done is not None:
         return done
     train_ds, _ = _build_datasets(cfg)
-    resolution = cfg.model.mask.resolution
-    codec = fit_or_load_pca(cfg, train_ds, components=resolution * resolution, log=log)
-    metrics = {"explained_variance_ratio": codec.explained_variance_ratio.tolist(),
-               "num_masks": int(codec.metadata.get("count", 0))}
+    codec = fit_or_load_pca(cfg, train_ds, log=log)
+    metrics = {"explained_variance_ratio": [float(v) for v in codec.metadata["spectrum_ratio"]],
+               "num_masks": int(codec.metadata["count"])}
     if distributed.rank() == 0:
         atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_json(output_dir / "metrics.json", metrics)
