@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from istr.config import Config, to_dict
+from istr.config import Config, ConfigError, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import FINAL, LAST, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from istr.engine.profiling import StepProfiler
@@ -47,7 +47,7 @@ def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
 def autocast(device: torch.device, amp: str):
     """The autocast context of ``solver.amp``: bf16 on CPU or CUDA, fp16 on CUDA only."""
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on CPU")
+        raise ConfigError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on CPU")
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
 
@@ -139,7 +139,11 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     if is_main and writing:
         output_dir.mkdir(parents=True, exist_ok=True)
         _truncate_jsonl(jsonl, start_iter)
-    if start_iter >= end_iter:
+    # what a checkpoint alone needs to rebuild and evaluate its model
+    identity = {"config": to_dict(cfg), "label_to_category_id": list(getattr(dataset, "label_to_category_id", []))}
+    if start_iter >= end_iter:  # finished before (killed during evaluation, say)
+        if is_main and not (ckpt_dir / FINAL).exists():
+            atomic_save({**identity, "model": model.state_dict(), "iteration": start_iter}, ckpt_dir / FINAL)
         return TrainResult(start_iter, train_time)
 
     train_model = model
@@ -155,8 +159,6 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     profiler = StepProfiler(model, device) if profile_iters else None
     params = [p for p in model.parameters() if p.requires_grad]
     window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
-    # what a checkpoint alone needs to rebuild and evaluate its model
-    identity = {"config": to_dict(cfg), "label_to_category_id": list(getattr(dataset, "label_to_category_id", []))}
     progress = tqdm(total=end_iter, initial=start_iter, disable=not is_main, desc="train", dynamic_ncols=True)
 
     def timed(name: str):
