@@ -175,8 +175,8 @@ def fit_pca(mask_batches: Iterable[Tensor], components: int, r_min: float = 0.01
             raise ValueError(f"fit_pca: expected mask batches [n, {resolution}, {resolution}], got {tuple(batch.shape)}")
         soft = soften(batch.cpu(), r_min, r_max, generator).to(torch.float64)
         moments.update(torch.logit(soft).flatten(1))
-    if moments.count < 2:
-        raise ValueError(f"fit_pca: need at least 2 masks, got {moments.count}")
+    if moments.count <= components:
+        raise ValueError(f"fit_pca: {components} components need more than {components} masks, got {moments.count}")
     eigvals, eigvecs = torch.linalg.eigh(moments.covariance())
     order = eigvals.argsort(descending=True)
     eigvals = eigvals[order].clamp_min(0.0)
