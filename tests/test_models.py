@@ -183,3 +183,33 @@ def test_codec_shape_mismatch_is_reported():
 
     with pytest.raises(ValueError, match="mask codec has 20 components"):
         build_model(cfg, MaskCodec.placeholder(20))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_matmul_roi_align_matches_torchvision_in_value_and_gradient(aligned):
+    from istr.models.roi_align_matmul import roi_align_matmul
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 13, 17, generator=g)
+    xy = torch.rand(40, 2, generator=g) * 70 - 8
+    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=g).float(), xy, xy + torch.rand(40, 2, generator=g) * 40], 1)
+    rois[0, 1:] = torch.tensor([5.0, 5.0, 5.2, 5.1])  # smaller than a cell
+    rois[1, 1:] = torch.tensor([-30.0, -30.0, -10.0, -10.0])  # outside the map
+    rois[2, 1:] = torch.tensor([60.0, 40.0, 90.0, 70.0])  # across the far edge
+    f_tv, f_mm = features.clone().requires_grad_(), features.clone().requires_grad_()
+    expected = roi_align(f_tv, rois, 7, 0.25, 2, aligned)
+    actual = roi_align_matmul(f_mm, rois, 7, 0.25, 2, aligned)
+    assert torch.allclose(actual, expected, atol=1e-5)
+    upstream = torch.randn(expected.shape, generator=g)
+    (expected * upstream).sum().backward()
+    (actual * upstream).sum().backward()
+    assert torch.allclose(f_mm.grad, f_tv.grad, atol=1e-4)
+    assert f_tv.grad.abs().max() > 1  # the comparison is not between two zero gradients
+
+
+def test_matmul_pooler_equals_torchvision_pooler():
+    torch.manual_seed(1)
+    features = [torch.randn(2, 4, 128 // s, 128 // s) for s in (4, 8, 16, 32)]
+    boxes = [torch.tensor([[3.0, 5.0, 30.0, 40.0], [0.0, 0.0, 127.0, 127.0]]), torch.tensor([[10.0, 20.0, 90.0, 80.0]])]
+    expected = MultiScalePooler(7, 2, impl="torchvision")(features, boxes)
+    assert torch.allclose(MultiScalePooler(7, 2, impl="matmul")(features, boxes), expected, atol=1e-5)
