@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     from istr.data.validate import DatasetError
     from istr.engine import distributed
     from istr.engine.checkpoint import CheckpointError
