@@ -1,0 +1,336 @@
+"""ISTR vs Mask R-CNN inference latency (the ``latency`` runner) and the smoke-scale train-step ratio.
+
+One job measures, in one process and interleaved (``istr.engine.latency``), at each size:
+    istr              ISTR as built by ``istr.models.build_model``
+    istr_fast         the same weights through ``istr.models.fast.optimize_for_inference``
+    maskrcnn          torchvision Mask R-CNN, default box score threshold 0.05
+    maskrcnn_100      the same weights, threshold 0: always 100 detections, like ISTR
+    maskrcnn_100_fast maskrcnn_100 with the same generic fast path (BN folding, channels_last)
+Weights are untrained (timing does not depend on their values except through what is kept): ISTR's box
+regressors are zeroed so that its 100 detections keep the initial whole-image boxes, the most expensive
+masks to paste; each case's mean number of detections and box area are recorded next to its time.
+
+``run_latency(cfg, output_dir, options)`` writes ``output_dir/metrics.json``: ``fps``, ``time_ms``, ``iqr_ms``
+of the headline case (options.model: "istr" -> istr_fast, "maskrcnn" -> maskrcnn) at the first size, and
+``sizes``, ``ratios``, ``environment``, ``protocol`` (and ``train_step`` when options.train_steps > 0).
+``python -m baselines.latency --output reports/latency.md`` runs the same measurement and writes the report.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from baselines.maskrcnn import build_maskrcnn
+from istr.config import Config, ConfigError, build_config
+from istr.engine.checkpoint import atomic_write_json, atomic_write_text
+from istr.engine.latency import LatencyCase, LatencyResult, describe_environment, measure_latency
+from istr.models import build_model
+from istr.models.fast import optimize_for_inference
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "model": "istr",
+    "sizes": [[800, 1333]],
+    "warmup": 2,
+    "runs": 5,
+    "cases": ["istr", "istr_fast", "maskrcnn", "maskrcnn_100", "maskrcnn_100_fast"],
+    "images": "synthetic",  # or a directory of images (resized to each size)
+    "train_steps": 0,  # > 0: also time training steps of both models at options.train_scale
+    "train_scale": "smoke",
+}
+HEADLINE = {"istr": "istr_fast", "maskrcnn": "maskrcnn"}
+CASE_DESCRIPTIONS = {
+    "istr": "ISTR as built (fp32, eval, inference_mode)",
+    "istr_fast": "ISTR fast path: FrozenBN folded into convs, channels_last weights, NCHW pyramid for RoIAlign",
+    "maskrcnn": "torchvision Mask R-CNN, default box_score_thresh 0.05, up to 100 detections",
+    "maskrcnn_100": "torchvision Mask R-CNN, box_score_thresh 0: forced to 100 detections",
+    "maskrcnn_100_fast": "maskrcnn_100 with the same generic fast path (FrozenBN folded, channels_last)",
+}
+ISTR_PARTS = {"backbone": "backbone", "head": "head", "post": "postprocess"}
+MASKRCNN_PARTS = {"backbone": "backbone", "head": ["rpn", "roi_heads"], "post": "transform.postprocess"}
+
+
+def resolve_options(options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    out = {**DEFAULT_OPTIONS, **(options or {})}
+    unknown = sorted(set(out) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"latency options: unknown {', '.join(unknown)}; valid: {', '.join(DEFAULT_OPTIONS)}")
+    if out["model"] not in HEADLINE:
+        raise ConfigError(f"latency options: model {out['model']!r} is not one of {', '.join(HEADLINE)}")
+    bad = [c for c in out["cases"] if c not in CASE_DESCRIPTIONS]
+    if bad or HEADLINE[out["model"]] not in out["cases"]:
+        raise ConfigError(f"latency options: cases {out['cases']} must be among {', '.join(CASE_DESCRIPTIONS)} "
+                          f"and include {HEADLINE[out['model']]}")
+    if not out["sizes"] or any(len(s) != 2 or min(s) < 32 for s in out["sizes"]):
+        raise ConfigError(f"latency options: sizes must be [[height, width], ...] of at least 32, got {out['sizes']}")
+    return out
+
+
+def _describe_detections(output: list[dict[str, Tensor]]) -> dict[str, float]:
+    det = output[0]
+    boxes, (h, w) = det["boxes"], det["masks"].shape[-2:]
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum() / (h * w) if len(boxes) else 0.0
+    return {"detections": float(len(boxes)), "box_area_fraction": float(area) / max(len(boxes), 1)}
+
+
+def build_cases(cfg: Config, names: Sequence[str]) -> list[LatencyCase]:
+    """The timed models of one job, sharing weights where they are the same model."""
+    torch.manual_seed(cfg.seed)
+    cases, istr, maskrcnn = [], None, None
+    for name in names:
+        if name.startswith("istr"):
+            if istr is None:
+                istr = build_model(cfg.model).eval()
+                for stage in istr.head.stages:  # no box drift: no detection dropped as empty
+                    torch.nn.init.zeros_(stage.bboxes_delta.weight)
+                    torch.nn.init.zeros_(stage.bboxes_delta.bias)
+            model = optimize_for_inference(istr) if name == "istr_fast" else istr
+            cases.append(LatencyCase(name, model, ISTR_PARTS, _describe_detections))
+        else:
+            model = build_maskrcnn(cfg.model, score_thresh=0.05 if name == "maskrcnn" else 0.0).eval()
+            if maskrcnn is None:
+                maskrcnn = model
+            model.load_state_dict(maskrcnn.state_dict())
+            if name.endswith("_fast"):
+                model = optimize_for_inference(model, nchw_outputs=None)
+            cases.append(LatencyCase(name, model, MASKRCNN_PARTS, _describe_detections))
+    return cases
+
+
+def load_images(source: str, size: Sequence[int], count: int, seed: int = 0) -> tuple[list[Tensor], str]:
+    """``count`` RGB float images [3, H, W] in 0..255 at exactly ``size``, and a description of them.
+
+    "synthetic": scenes of the synthetic shapes dataset rendered straight at ``size``; a directory:
+    its first ``count`` images (sorted by name), resized bilinearly.
+    """
+    h, w = int(size[0]), int(size[1])
+    if source == "synthetic":
+        from istr.data.shapes import render_scene
+
+        images = [torch.from_numpy(render_scene(np.random.default_rng([seed, i]), h, w)[0]).permute(2, 0, 1).float()
+                  for i in range(count)]
+        return images, f"{count} synthetic-shapes scenes rendered at {h}x{w}"
+    from PIL import Image
+
+    files = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
+    if not files:
+        raise ConfigError(f"latency options: images directory {source} holds no .jpg/.png files")
+    images = []
+    for path in files:
+        rgb = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float()
+        images.append(F.interpolate(rgb[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0])
+    return images, f"{len(images)} images of {source} resized to {h}x{w}"
+
+
+def _ratios(results: dict[str, LatencyResult]) -> dict[str, dict[str, float]]:
+    """ISTR / Mask R-CNN time ratios: of the medians, and the median of the per-round (paired) ratios."""
+    out = {}
+    for a in ("istr_fast", "istr"):
+        for b in ("maskrcnn", "maskrcnn_100", "maskrcnn_100_fast"):
+            if a in results and b in results:
+                ta, tb = np.array(results[a].times_s), np.array(results[b].times_s)
+                out[f"{a}/{b}"] = {"of_medians": float(np.median(ta) / np.median(tb)), "paired": float(np.median(ta / tb))}
+    return out
+
+
+def measure(cfg: Config, options: dict[str, Any], log=print) -> dict[str, Any]:
+    """All sizes of one job; returns the metrics dict (see the module docstring)."""
+    options = resolve_options(options)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    cases = build_cases(cfg, options["cases"])
+    for case in cases:
+        case.model.to(device)
+    sizes, ratios, image_notes = {}, {}, []
+    for size in options["sizes"]:
+        key = f"{size[0]}x{size[1]}"
+        images, note = load_images(options["images"], size, max(options["runs"], 1), cfg.seed)
+        image_notes.append(note)
+        log(f"latency {key}: {len(cases)} models x ({options['warmup']} warm-up + {options['runs']} runs), {note}")
+        results = measure_latency(cases, images, warmup=options["warmup"], runs=options["runs"], device=device)
+        sizes[key] = {name: r.summary() for name, r in results.items()}
+        ratios[key] = _ratios(results)
+        for name, s in sizes[key].items():
+            log(f"  {name:18s} {s['time_ms']:9.1f} ms (IQR {s['iqr_ms']:.1f})  {s['fps']:.3f} FPS")
+    first = sizes[f"{options['sizes'][0][0]}x{options['sizes'][0][1]}"][HEADLINE[options["model"]]]
+    metrics = {
+        "fps": first["fps"], "time_ms": first["time_ms"], "iqr_ms": first["iqr_ms"],
+        "headline": {"model": options["model"], "case": HEADLINE[options["model"]], "size": list(options["sizes"][0])},
+        "backbone": cfg.model.backbone.name,
+        "sizes": sizes, "ratios": ratios,
+        "cases": {name: CASE_DESCRIPTIONS[name] for name in options["cases"]},
+        "environment": describe_environment(device),
+        "protocol": {"batch": 1, "dtype": "float32", "mode": "eval + torch.inference_mode", "warmup": options["warmup"],
+                     "runs": options["runs"], "order": "interleaved, ABBA rounds, same image per round",
+                     "statistic": "median and inter-quartile range", "images": image_notes,
+                     "weights": "untrained; ISTR box regressors zeroed (whole-image boxes kept)"},
+    }
+    if options["train_steps"] > 0:
+        metrics["train_step"] = measure_train_steps(options["train_scale"], options["train_steps"], log=log)
+    return metrics
+
+
+def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print) -> dict[str, Any]:
+    """Seconds per training iteration (forward, backward, clipping, AdamW) of ISTR and Mask R-CNN at ``scale``,
+    interleaved ABBA on the same synthetic training batches, under the preset's ``solver.amp``."""
+    from istr.data import build_datasets, collate
+    from istr.engine.schedule import build_optimizer
+    from istr.engine.train import autocast
+
+    cfg = build_config(scale)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    train_ds, _ = build_datasets(cfg)
+    cfg.model.num_classes = train_ds.num_classes
+    torch.manual_seed(cfg.seed)
+    models = {"istr": build_model(cfg.model).train(),
+              "maskrcnn": build_maskrcnn(cfg.model, anchor_scale=cfg.data.min_size_test / 800).train()}
+    optimizers = {name: build_optimizer(m, cfg.solver) for name, m in models.items()}
+    device = torch.device("cpu")
+    batches = [collate([train_ds[(i * cfg.solver.batch_size + j) % len(train_ds)] for j in range(cfg.solver.batch_size)])
+               for i in range(steps + warmup)]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i, (images, targets) in enumerate(batches):
+        for name in (list(models) if i % 2 == 0 else list(reversed(models))):
+            model, optimizer = models[name], optimizers[name]
+            start = time.perf_counter()
+            with autocast(device, cfg.solver.amp):
+                loss = sum(model(images, targets).values())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    out = {name: {"median_s": float(np.median(t)), "iqr_s": float(np.subtract(*np.percentile(t, [75, 25]))), "steps": len(t)}
+           for name, t in times.items()}
+    out["ratio"] = out["istr"]["median_s"] / out["maskrcnn"]["median_s"]
+    out["setting"] = (f"{scale} preset: {cfg.model.backbone.name}-FPN{cfg.model.backbone.fpn_channels}, batch "
+                      f"{cfg.solver.batch_size} of {cfg.data.synthetic.width}x{cfg.data.synthetic.height}, amp "
+                      f"{cfg.solver.amp}, {torch.get_num_threads()} threads; ISTR {cfg.model.head.num_stages} stages, "
+                      f"{cfg.model.head.num_proposals} proposals")
+    log(f"train step ({out['setting']}): ISTR {out['istr']['median_s']:.3f} s, Mask R-CNN "
+        f"{out['maskrcnn']['median_s']:.3f} s, ratio {out['ratio']:.2f}")
+    return out
+
+
+def run_latency(cfg: Config, output_dir: str | Path, options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``latency`` runner: measure, then write ``output_dir/metrics.json`` (and ``latency.md``) atomically."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = measure(cfg, options or {})
+    atomic_write_text(output_dir / "latency.md", render_markdown(metrics))
+    atomic_write_json(output_dir / "metrics.json", metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+_PAPER_LABELS = {("istr", "resnet50"): "ISTR R50", ("maskrcnn", "resnet50"): "Mask R-CNN R50",
+                 ("istr", "resnet101"): "ISTR R101", ("maskrcnn", "resnet101"): "Mask R-CNN R101"}
+
+
+def render_markdown(metrics: dict[str, Any] | Sequence[dict[str, Any]], reference: Optional[dict[str, dict[str, float]]] = None,
+                    command: str = "") -> str:
+    """Markdown for one or several jobs' metrics; ``reference``: paper label -> {"fps", "time_ms"} (reported)."""
+    jobs = [metrics] if isinstance(metrics, dict) else list(metrics)
+    env, protocol = jobs[0]["environment"], jobs[0]["protocol"]
+    lines = ["# Inference latency: ISTR vs Mask R-CNN", ""]
+    if command:
+        lines += [f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    lines += [
+        f"Measured on {env['device']} ({env['cpu']}, {env['logical_cpus']} logical CPUs, {env['threads']} torch threads, "
+        f"1-min load average {env.get('load_average_1m', 'n/a')} at the end; torch {env['torch']}"
+        + (f", GPU {env['gpu']}" if "gpu" in env else "") + ").",
+        f"Protocol: batch {protocol['batch']}, {protocol['dtype']}, {protocol['mode']}, {protocol['warmup']} warm-up "
+        f"calls per model, {protocol['runs']} timed runs, {protocol['order']}; {protocol['statistic']}. "
+        f"Images: {'; '.join(sorted(set(protocol['images'])))}. Weights: {protocol['weights']}.",
+        "Parts: backbone = ResNet + FPN; head = ISTR's 6 stages incl. RoIAlign / Mask R-CNN's RPN + box and mask heads "
+        "(incl. NMS); post = top-k, mask decoding, box rescaling and mask pasting; other = normalisation and padding.",
+        "",
+    ]
+    for job in jobs:
+        backbone = job["backbone"]
+        for size, cases in job["sizes"].items():
+            lines += [f"## {backbone}-FPN at {size}", "",
+                      "| model | ms (median) | IQR ms | FPS | backbone ms | head ms | post ms | other ms | detections | mean box area |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for name, s in cases.items():
+                p = s["parts_ms"]
+                lines.append(f"| {name} | {s['time_ms']:.0f} | {s['iqr_ms']:.0f} | {s['fps']:.3f} | {p['backbone']:.0f} | "
+                             f"{p['head']:.0f} | {p['post']:.0f} | {p['other']:.0f} | {s.get('detections', float('nan')):.0f} | "
+                             f"{s.get('box_area_fraction', float('nan')):.3f} |")
+            lines += ["", "| ratio (time) | of medians | paired (median of per-round ratios) |", "|---|---|---|"]
+            lines += [f"| {k} | {v['of_medians']:.3f} | {v['paired']:.3f} |" for k, v in job["ratios"][size].items()]
+            lines.append("")
+        ours = {m: _PAPER_LABELS.get((m, backbone)) for m in ("istr", "maskrcnn")}
+        if reference and all(label in reference for label in ours.values()):
+            istr_ref, mr_ref = reference[ours["istr"]], reference[ours["maskrcnn"]]
+            lines += [f"Paper (reported, not measured here; single 1080Ti, batch 1, 800x1333-class COCO images): "
+                      f"{ours['istr']} {istr_ref['time_ms']} ms ({istr_ref['fps']} FPS), {ours['maskrcnn']} "
+                      f"{mr_ref['time_ms']} ms ({mr_ref['fps']} FPS): ratio {istr_ref['time_ms'] / mr_ref['time_ms']:.3f}.", ""]
+    for job in jobs:
+        if "train_step" in job:
+            t = job["train_step"]
+            lines += ["## Training step (smoke scale)", "", f"Setting: {t['setting']}; forward + backward + clipping + AdamW, "
+                      "interleaved on the same batches.", "", "| model | s / iteration (median) | IQR s | steps |", "|---|---|---|---|"]
+            lines += [f"| {name} | {t[name]['median_s']:.3f} | {t[name]['iqr_s']:.3f} | {t[name]['steps']} |" for name in ("istr", "maskrcnn")]
+            lines += ["", f"Train-step time ratio ISTR / Mask R-CNN: **{t['ratio']:.2f}**.", ""]
+            break
+    lines += ["Case definitions:", ""] + [f"- `{k}`: {v}" for k, v in jobs[0]["cases"].items()] + [""]
+    return "\n".join(lines)
+
+
+def _paper_reference() -> Optional[dict[str, dict[str, float]]]:
+    """Table 2's reported FPS / time from the experiments registry (the one place paper numbers live)."""
+    try:
+        from experiments import registry
+    except ImportError:
+        return None
+    table = registry.get("latency").reference
+    return {label: {"fps": float(row["fps"]), "time_ms": float(row["time_ms"])} for label, row in table.iterrows()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m baselines.latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="reports/latency.md", help="markdown report (a .json beside it)")
+    parser.add_argument("--backbones", nargs="+", default=["resnet50"], choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    parser.add_argument("--sizes", nargs="+", default=["800x1333"], help="HxW, e.g. 800x1333 512x853")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_OPTIONS["warmup"])
+    parser.add_argument("--runs", type=int, default=DEFAULT_OPTIONS["runs"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--train-steps", type=int, default=0, help="also time N smoke-scale training steps of each model")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_OPTIONS["cases"], choices=list(CASE_DESCRIPTIONS))
+    args = parser.parse_args(argv)
+    try:
+        sizes = [[int(v) for v in s.lower().split("x")] for s in args.sizes]
+        jobs = []
+        for i, backbone in enumerate(args.backbones):
+            cfg = build_config("paper", {"model.backbone.name": backbone, "device": args.device, "num_threads": args.threads})
+            options = {"sizes": sizes, "warmup": args.warmup, "runs": args.runs, "cases": args.cases,
+                       "train_steps": args.train_steps if i == 0 else 0}
+            jobs.append(measure(cfg, options, log=lambda m: print(m, file=sys.stderr)))
+    except (ConfigError, ValueError) as err:
+        print(f"baselines.latency: {err}", file=sys.stderr)
+        return 2
+    command = "python -m baselines.latency " + " ".join(argv if argv is not None else sys.argv[1:])
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, render_markdown(jobs, _paper_reference(), command.strip()))
+    atomic_write_json(output.with_suffix(".json"), jobs)
+    print(output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
