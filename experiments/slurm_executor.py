@@ -282,7 +282,9 @@ class SlurmExecutor(Executor):
         try:
             return _outcome(job.result())
         except Exception as err:  # FailedJobError, UncompletedJobError (cancelled, timed out too often)
-            return Outcome("failed", time.monotonic() - start, f"SLURM job {job.job_id}: {_exception_line(err)}")
+            return Outcome("failed", time.monotonic() - start,
+                           f"SLURM job {job.job_id} {job.watcher.get_state(job.job_id, mode='cache')}: "
+                           f"{_exception_line(err)}")
 
     @staticmethod
     def _known(job_id: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -186,7 +187,7 @@ def test_failing_runner_is_a_failed_outcome(slurm_env, tmp_path):
     executor = slurm_executor.SlurmExecutor(tmp_path / "submitit")
     outcomes, _ = run_with_deadline(executor, [Task("kf", "fake/f/seed0", failing_runner, (), dict(TINY))], 60)
     assert outcomes["kf"].status == "failed"
-    assert outcomes["kf"].error.endswith("ValueError: runner broke on purpose")
+    assert re.fullmatch(r"SLURM job \d+ FAILED: .*ValueError: runner broke on purpose", outcomes["kf"].error)
     assert "runner broke on purpose" in Path(
         json.loads((tmp_path / "submitit" / "jobs" / "kf.json").read_text())["stderr"]).read_text()
 
@@ -270,3 +271,101 @@ def test_multi_task_job_exports_torchrun_variables(slurm_env, tmp_path):
     assert {r["env"]["WORLD_SIZE"] for r in results} == {"2"} and [r["env"]["LOCAL_RANK"] for r in results] == ["0", "1"]
     assert len({(r["env"]["MASTER_ADDR"], r["env"]["MASTER_PORT"]) for r in results}) == 1
     assert [r["sum"] for r in results] == [3.0, 3.0]
+
+
+# ---------------------------------------------------------------------------------------------- table1a, real training
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(module: str, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s)
+    return done
+
+
+def metrics_by_hash(root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/metrics.json")}
+
+
+def comparable(metrics: dict) -> dict:
+    """Everything but the timings."""
+    return {k: v for k, v in metrics.items() if not k.endswith("_time_s")}
+
+
+def test_table1a_array_equals_local_and_a_cancelled_variant_is_rerun_alone(slurm_env, tmp_path):
+    local, slurm, folder = tmp_path / "local", tmp_path / "slurm", tmp_path / "submitit"
+    common = ("table1a", "--scale", "tiny", "--reports-dir", str(tmp_path / "reports"))
+    began = time.monotonic()
+    done = cli("run", *common, "--executor", "local", "--results-root", str(local))
+    assert done.returncode == 0, done.stdout + done.stderr
+    local_s = time.monotonic() - began
+
+    began = time.monotonic()
+    run = subprocess.Popen([sys.executable, "-m", "experiments.run", *common, "--executor", "slurm", "--max-parallel",
+                            "2", "--results-root", str(slurm), "--slurm-folder", str(folder)], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        records = wait_until(lambda: sorted(folder.glob("jobs/*.json")) if len(list(folder.glob("jobs/*.json"))) == 5
+                             else None, 60, "a record per variant")
+        last = max((json.loads(p.read_text()) for p in records), key=lambda r: int(r["job_id"].split("_")[1]))
+        subprocess.run(["scancel", last["job_id"]], check=True, timeout=30)  # pending: 2 tasks run at once
+        output, _ = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    slurm_s = time.monotonic() - began
+    assert run.returncode == 1, output
+    # Cancelled while pending: CANCELLED in sacct, or (before SLURM split the array record) no trace at all.
+    assert re.search(f"SLURM job {last['job_id']} (CANCELLED|vanished before it ran)", output), output
+    assert "overall 5/5 finished, 1 failed" in output
+    missing_label = last["name"].split("/")[1]
+
+    status = cli("run", *common, "--status", "--results-root", str(slurm), "--slurm-folder", str(folder))
+    assert status.returncode == 0
+    assert status.stdout.count("COMPLETE ") == 4 and f"job {last['job_id']}" in status.stdout
+
+    baselines = tmp_path / "baselines"
+    assert cli("check", "table1a", "--scale", "tiny", "--results-root", str(local), "--baselines-dir",
+               str(baselines), "--update-baseline").returncode == 0
+    check = cli("check", "table1a", "--scale", "tiny", "--results-root", str(slurm), "--baselines-dir", str(baselines))
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert {line.split(" | ")[1] for line in check.stdout.splitlines() if line.startswith("MISSING")} == {missing_label}
+
+    again = cli("run", *common, "--executor", "slurm", "--results-root", str(slurm), "--slurm-folder", str(folder))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "plan: 5 job(s) at scale 'tiny', 4 cached, 1 to run" in again.stdout
+    assert "(1 task(s)" in again.stdout and f"table1a/{missing_label}/seed0" in again.stdout
+    ours, theirs = metrics_by_hash(slurm), metrics_by_hash(local)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 5
+    assert all(comparable(ours[h]) == comparable(theirs[h]) for h in ours)
+    print(f"table1a tiny: local {local_s:.1f} s, slurm array (with one cancelled task) {slurm_s:.1f} s")
+
+
+def test_requeued_training_resumes_from_its_checkpoint_with_the_same_metrics(slurm_env, tmp_path):
+    args = ("table1a", "--scale", "tiny", "--only", "l=60", "solver.max_iter=30", "solver.checkpoint_period=5",
+            "--reports-dir", str(tmp_path / "reports"))
+    root, folder = tmp_path / "slurm", tmp_path / "submitit"
+    run = subprocess.Popen([sys.executable, "-m", "experiments.run", *args, "--executor", "slurm", "--results-root",
+                            str(root), "--slurm-folder", str(folder)], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        def checkpointed_at_10():
+            logs = list(root.glob("*/log.txt"))
+            return logs and "iter 12/30" in logs[0].read_text() and logs[0]
+
+        log = wait_until(checkpointed_at_10, 120, "training past its iteration-10 checkpoint")
+        record = json.loads(next(folder.glob("jobs/*.json")).read_text())
+        subprocess.run(["scontrol", "requeue", record["job_id"]], check=True, timeout=30)
+        output, _ = run.communicate(timeout=240)
+    finally:
+        run.kill()
+    assert run.returncode == 0, output
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", log.read_text())
+    assert len(resumed) == 1 and 10 <= int(resumed[0]) < 30, log.read_text()
+    assert Path(record["stdout"]).read_text().count("Starting with JobEnvironment") == 2
+
+    reference = tmp_path / "reference"
+    done = cli("run", *args, "--executor", "debug", "--results-root", str(reference))
+    assert done.returncode == 0, done.stdout + done.stderr
+    ours, theirs = metrics_by_hash(root), metrics_by_hash(reference)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 1
+    assert all(comparable(ours[h]) == comparable(theirs[h]) for h in ours)
