@@ -12,8 +12,16 @@ from istr.models.backbone import Backbone
 from istr.models.istr import grid_boxes
 from istr.models.pooler import MultiScalePooler, assign_levels
 
-torch.set_num_threads(1)
 NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run fastest on one thread on the shared CPU; restore the setting for other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_model(**overrides):

@@ -5,6 +5,7 @@ cosine mask cost, L2 + dice loss) at a CPU size: ResNet-18 from scratch, 2 stage
 the "grid" start (see cpu-training-facts.md: 6 stages overfit unstably at this budget, and the official
 whole-image start does not learn from scratch). About 30 s of one core.
 """
+import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -70,8 +71,15 @@ def mean_mask_iou(detections, targets):
     return sum(ious) / len(ious)
 
 
-def test_overfit_handful_of_images():
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_overfit_handful_of_images(one_thread):
     images, targets = draw_images()
     cfg = build_config("tiny", {
         "model.num_classes": 2, "model.head.num_stages": 2, "model.head.num_proposals": 20,
