@@ -101,12 +101,12 @@ def build_maskrcnn(cfg: ModelConfig, score_thresh: float = 0.05, anchor_scale: f
     return model
 
 
-
 def train_and_evaluate(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
     """The ``maskrcnn`` runner: same data, training loop, evaluation and files as ``istr.engine.job``.
 
     Writes ``output_dir/{config.yaml, log.txt, metrics.jsonl, checkpoints/, detections.json, metrics.json}``;
     resumes from ``checkpoints/last.pth``; ``metrics.json`` has one stage ("1"), equal to "final".
+    Reuses the engine job's setup, dataset, config-check and metrics helpers rather than copying them.
     """
     from istr.engine import job
     from istr.engine.checkpoint import atomic_write_json
