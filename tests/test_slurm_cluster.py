@@ -141,3 +141,21 @@ def test_cli_stop_kills_only_its_own_cluster_and_restart_keeps_state(slurm_clust
         assert cli("stop", "--state", str(state)).returncode == 0
     assert second.running() == {}
     assert not (state / "run" / "daemons.json").exists()
+
+
+def test_sbatch_template_trains_and_requeues_itself_on_the_time_limit_signal(slurm_cluster, tmp_path):
+    """slurm/istr.sbatch: USR1 (what --signal=B:USR1@300 sends) -> requeue -> training resumes from its checkpoint."""
+    out, log = tmp_path / "job.out", tmp_path / "run" / "log.txt"
+    job_id = slurm_cluster.client(
+        "sbatch", "--parsable", "--cpus-per-task=1", "--mem=2G", "--time=10", f"--output={out}",
+        str(SCRIPT.parent / "istr.sbatch"), "--scale", "tiny", "--output-dir", str(tmp_path / "run"),
+        "solver.max_iter=24", "solver.checkpoint_period=5", check=True).stdout.strip()
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "iter 12/24" in log.read_text()):
+        assert time.monotonic() < deadline and sacct_state(slurm_cluster, job_id) in ("", "PENDING", "RUNNING")
+        time.sleep(0.3)
+    slurm_cluster.client("scancel", "--batch", "--signal=USR1", job_id, check=True)
+    assert wait_for_state(slurm_cluster, job_id, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED"
+    text = out.read_text()
+    assert f"time limit near, requeueing job {job_id}" in text and f"job {job_id} run 2" in text
+    assert "resumed from" in log.read_text() and (tmp_path / "run" / "metrics.json").is_file()
