@@ -154,8 +154,21 @@ def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
     states = {}
     for line in done.stdout.splitlines():
         job_id, _, state = line.partition("|")
-        states[job_id] = state.split()[0] if state else "UNKNOWN"
+        for one in _expand_array_id(job_id):
+            states[one] = state.split()[0] if state else "UNKNOWN"
     return states
+
+
+def _expand_array_id(job_id: str) -> list[str]:
+    """``"7_[0-2,5%2]"`` (array tasks not yet started share one sacct row) -> 7_0, 7_1, 7_2, 7_5."""
+    base, sep, spec = job_id.partition("_[")
+    if not sep:
+        return [job_id]
+    ids = []
+    for part in spec.rstrip("]").split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        ids += [f"{base}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return ids
 
 
 def _in_queue(job_id: str) -> bool:
@@ -282,9 +295,9 @@ class SlurmExecutor(Executor):
         try:
             return _outcome(job.result())
         except Exception as err:  # FailedJobError, UncompletedJobError (cancelled, timed out too often)
-            return Outcome("failed", time.monotonic() - start,
-                           f"SLURM job {job.job_id} {job.watcher.get_state(job.job_id, mode='cache')}: "
-                           f"{_exception_line(err)}")
+            state = job.watcher.get_state(job.job_id, mode="cache")  # may lag behind a job that just failed
+            shown = "" if state in ACTIVE_STATES or state == "UNKNOWN" else f" {state}"
+            return Outcome("failed", time.monotonic() - start, f"SLURM job {job.job_id}{shown}: {_exception_line(err)}")
 
     @staticmethod
     def _known(job_id: str) -> bool:
