@@ -40,7 +40,7 @@ def roi_align_matrix(rois: Tensor, feature_shape: tuple[int, int, int], output_s
                      sampling_ratio: int, aligned: bool) -> tuple[Tensor, Tensor]:
     """The RoIAlign weight matrix M [R*S*S, B*H*W] in row-list form (a fixed number of entries per row).
 
-    Returns (column [R*S*S, K] int64, weight [R*S*S, K]), K = 4 * sampling_ratio^2: row (roi, y, x) of M has
+    Returns (column [R*S*S, K] int32 (int64 for huge maps), weight [R*S*S, K]), K = 4 * sampling_ratio^2: row (roi, y, x) of M has
     ``weight`` at columns ``column`` (image, y, x) and zeros elsewhere.
     """
     if sampling_ratio <= 0:
@@ -61,6 +61,8 @@ def roi_align_matrix(rois: Tensor, feature_shape: tuple[int, int, int], output_s
     column = (base[:, None, None, None, None, None, None] + y_index[:, :, None, :, None, :, None] * width
               + x_index[:, None, :, None, :, None, :])
     num_rows = rois.shape[0] * s * s
+    if batch * height * width < 2**31:
+        column = column.int()  # embedding_bag's backward sorts the indices: int32 sorts faster
     return column.reshape(num_rows, -1), weight.reshape(num_rows, -1)
 
 
