@@ -3,8 +3,11 @@
 RoIAlign is linear in the feature map: every output cell is a fixed weighted sum of at most
 4 * sampling_ratio^2 input pixels (bilinear corners of its samples, averaged). We build that sparse weight
 matrix M [R*S*S, B*H*W] (as per-row column/weight lists) once per call and compute out = M @ features
-(channels last) with embedding_bag; the backward is M^T @ grad. torchvision's CPU backward is a single-threaded scatter and took half of
-a training iteration (cpu-training-facts.md); a parity test pins this op to torchvision's in value and gradient.
+(channels last, free when the maps already are) with embedding_bag; its backward is M^T @ grad.
+torchvision's CPU backward is a single-threaded scatter (cpu-training-facts.md). Measured on the 2-core
+machine: 400 RoIs on a [8, 128, 32, 44] map, forward + backward, one thread: 151 ms -> 27 ms; a full smoke-scale
+training step (6 stages, batch 8, 128x176, fp32): 1.91 s -> 1.10 s with 2 threads. tests/test_models.py pins
+the values (1e-5) and gradients (1e-4) to torchvision.ops.roi_align.
 
 Sampling follows torchvision's CPU kernel exactly: with ``aligned`` the box is shifted by -0.5 pixel and not
 forced to size >= 1; sample points outside [-1, size] contribute zero; coordinates are clamped to [0, size-1].
