@@ -253,7 +253,7 @@ _PAPER_LABELS = {("istr", "resnet50"): "ISTR R50", ("maskrcnn", "resnet50"): "Ma
 
 
 def render_markdown(metrics: dict[str, Any] | Sequence[dict[str, Any]], reference: Optional[dict[str, dict[str, float]]] = None,
-                    command: str = "") -> str:
+                    command: str = "", notes: Sequence[str] = ()) -> str:
     """Markdown for one or several jobs' metrics; ``reference``: paper label -> {"fps", "time_ms"} (reported)."""
     jobs = [metrics] if isinstance(metrics, dict) else list(metrics)
     env, protocol = jobs[0]["environment"], jobs[0]["protocol"]
@@ -271,6 +271,7 @@ def render_markdown(metrics: dict[str, Any] | Sequence[dict[str, Any]], referenc
         "(incl. NMS); post = top-k, mask decoding, box rescaling and mask pasting; other = normalisation and padding.",
         "",
     ]
+    lines += [f"Note: {note}" for note in notes] + ([""] if notes else [])
     for job in jobs:
         backbone = job["backbone"]
         for size, cases in job["sizes"].items():
