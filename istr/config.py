@@ -169,6 +169,7 @@ class PretrainConfig:
     """Backbone pretraining on the training data: the offline substitute for ImageNet weights."""
 
     enabled: bool = False
+    seed: int = 0  # its own seed: one pretrained trunk serves every variant and every training seed
     max_iter: int = 0
     lr: float = 1e-3
     batch_size: int = 16

@@ -58,3 +58,8 @@ def test_pretrained_weights_are_cached_and_load_into_the_detector(tmp_path):
     assert torch.equal(model.backbone.body.conv1.weight, state["conv1.weight"])
     other = _tiny_cfg(tmp_path, **{"pretrain.lr": 5e-4})
     assert ensure_pretrained_backbone(other) != path  # keyed by the pretraining config
+
+
+def test_training_seeds_share_one_pretrained_trunk(tmp_path):
+    cfg = _tiny_cfg(tmp_path)
+    assert ensure_pretrained_backbone(cfg) == ensure_pretrained_backbone(_tiny_cfg(tmp_path, seed=cfg.seed + 1))

@@ -41,7 +41,6 @@ def pretrain_key(cfg: Config, train_dataset) -> str:
         "pretrain": to_dict(cfg.pretrain),
         "pixel_mean_std": [cfg.model.pixel_mean, cfg.model.pixel_std],
         "amp": cfg.solver.amp,
-        "seed": cfg.seed,
         "crop": [CROP_SIZE, CONTEXT],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
@@ -83,8 +82,8 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
 
     ``labels`` of -1 (background) become class ``num_classes``.
     """
-    generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.pretrain.seed)
+    torch.manual_seed(cfg.pretrain.seed)
     net = getattr(torchvision.models, cfg.model.backbone.name)(weights=None, num_classes=num_classes + 1)
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain.lr, weight_decay=1e-4)
@@ -133,7 +132,7 @@ def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
         if weights.exists():
             return str(weights)
         start = time.time()
-        crops, labels = collect_crops(train_dataset, torch.Generator().manual_seed(cfg.seed))
+        crops, labels = collect_crops(train_dataset, torch.Generator().manual_seed(cfg.pretrain.seed))
         num_classes = int(train_dataset.num_classes)
         log.info("pretrain: %d crops (%d background) from %d images", len(crops), int((labels < 0).sum()), len(train_dataset))
         state = train_classifier(cfg, crops, labels, num_classes)
