@@ -12,8 +12,6 @@ stock ``maskrcnn_resnet50_fpn`` are all about sharing ISTR's pipeline:
 """
 from __future__ import annotations
 
-import copy
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +24,6 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from istr.config import Config, ModelConfig
-from istr.engine import distributed
 from istr.models.backbone import Backbone
 
 # torchvision's defaults for 800-pixel images: one size per FPN level p2..p6.
@@ -102,44 +99,14 @@ def build_maskrcnn(cfg: ModelConfig, score_thresh: float = 0.05, anchor_scale: f
 
 
 def train_and_evaluate(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
-    """The ``maskrcnn`` runner: same data, training loop, evaluation and files as ``istr.engine.job``.
+    """The ``maskrcnn`` runner: ``istr.engine.job.train_and_evaluate`` with the Mask R-CNN builder.
 
-    Writes ``output_dir/{config.yaml, log.txt, metrics.jsonl, checkpoints/, detections.json, metrics.json}``;
-    resumes from ``checkpoints/last.pth``; ``metrics.json`` has one stage ("1"), equal to "final".
-    Reuses the engine job's setup, dataset, config-check and metrics helpers rather than copying them.
+    Same data, pretrained backbone, training loop, evaluation and files as the ISTR job; ``metrics.json`` has
+    one stage ("1"), equal to "final".
     """
     from istr.engine import job
-    from istr.engine.checkpoint import atomic_write_json
-    from istr.engine.evaluate import evaluate
-    from istr.engine.train import train
 
-    output_dir, device, log = job._setup(cfg, output_dir)
-    done = job._read_metrics(output_dir)
-    if done is not None:
-        log.info("%s is complete; nothing to do", output_dir)
-        return done
-    cfg = copy.deepcopy(cfg)
-    train_ds, val_ds = job._build_datasets(cfg)
-    cfg.model.num_classes = train_ds.num_classes
-    if cfg.pretrain.enabled:
-        from istr.engine.pretrain import ensure_pretrained_backbone
+    def build(resolved: Config, train_ds: Any, log: Any) -> MaskRCNN:
+        return build_maskrcnn(resolved.model, anchor_scale=resolved.data.min_size_test / 800)
 
-        cfg.model.backbone.weights = str(ensure_pretrained_backbone(cfg))
-    torch.manual_seed(cfg.seed)
-    model = build_maskrcnn(cfg.model, anchor_scale=cfg.data.min_size_test / 800)
-    job._check_or_write_config(cfg, output_dir)
-    log.info("Mask R-CNN (%s-FPN) on %s, %d train / %d val images, %d classes", cfg.model.backbone.name, device,
-             len(train_ds), len(val_ds), cfg.model.num_classes)
-    result = train(model, train_ds, cfg, output_dir, device, log)
-    start = time.perf_counter()
-    metrics, detections = evaluate(model, val_ds, device, cfg.data.max_val_images, cfg.model.mask_threshold,
-                                   all_stages=True, num_workers=cfg.data.num_workers)
-    metrics.update(iterations=result.iterations, train_time_s=result.train_time_s,
-                   eval_time_s=time.perf_counter() - start)
-    if distributed.rank() == 0:
-        atomic_write_json(output_dir / "detections.json", detections)
-        atomic_write_json(output_dir / "metrics.json", metrics)
-        log.info("final: mask AP %s, box AP %s (%d val images)", metrics["final"].get("mask_AP"),
-                 metrics["final"].get("box_AP"), metrics["num_val_images"])
-    distributed.barrier()
-    return metrics
+    return job.train_and_evaluate(cfg, output_dir, build=build, all_stages=True)

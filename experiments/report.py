@@ -23,7 +23,7 @@ import pandas as pd
 
 from istr.config import preset_deviations
 
-from experiments import aggregate, jobs, plots, registry, store
+from experiments import aggregate, jobs, plots, store
 from experiments.run import report_path_stem
 
 NOISE_FACTOR = 2.0
@@ -173,7 +173,7 @@ def _ranking(agg: aggregate.Aggregate) -> list[str]:
 
 
 def _provenance(agg: aggregate.Aggregate, overrides: Sequence[str]) -> list[str]:
-    entry, settings = agg.entry, agg.entry.settings(agg.scale)
+    settings = agg.entry.settings(agg.scale)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     runs = agg.runs
     hardware = sorted({f"{r.get('cpu')} ({r.get('cpu_count')} cores) on {r.get('host')}" for r in runs})

@@ -3,7 +3,6 @@ run by hand on a hand-made COCO file; faster-coco-eval parity; per-stage output 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 
 import numpy as np

@@ -1,5 +1,4 @@
 """The detector: outputs for every ablation, gradients, freezing, weights, pooler levels, parameter count."""
-import math
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -162,49 +162,62 @@ def _read_metrics(output_dir: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def prepare(cfg: Config, log: logging.Logger):
-    """Resolve data, num_classes, mask PCA and backbone weights; returns (cfg, train_ds, val_ds, model)."""
+def build_istr(cfg: Config, train_ds: Any, log: logging.Logger) -> torch.nn.Module:
+    """The ISTR model of ``cfg`` with the training set's mask PCA (fitted once, cached)."""
     from istr.models import build_model
 
-    cfg = copy.deepcopy(cfg)
-    train_ds, val_ds = _build_datasets(cfg)
-    cfg.model.num_classes = train_ds.num_classes
     codec = None
     if cfg.model.mask.representation == "pca":
         if distributed.rank() == 0:
             codec = fit_or_load_pca(cfg, train_ds, log=log)
         distributed.barrier()
         codec = codec or fit_or_load_pca(cfg, train_ds)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
+    return build_model(cfg.model, mask_codec=codec)
+
+
+ModelFactory = Callable[[Config, Any, logging.Logger], torch.nn.Module]  # (resolved cfg, train set, log) -> model
+
+
+def prepare(cfg: Config, log: logging.Logger, build: ModelFactory = build_istr):
+    """Resolve data, num_classes and backbone weights, then build; returns (cfg, train_ds, val_ds, model)."""
+    cfg = copy.deepcopy(cfg)
+    train_ds, val_ds = _build_datasets(cfg)
+    cfg.model.num_classes = train_ds.num_classes
     if cfg.pretrain.enabled:
         from istr.engine.pretrain import ensure_pretrained_backbone
 
         cfg.model.backbone.weights = str(ensure_pretrained_backbone(cfg))
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every rerun
-    return cfg, train_ds, val_ds, build_model(cfg.model, mask_codec=codec)
+    torch.manual_seed(cfg.seed)
+    return cfg, train_ds, val_ds, build(cfg, train_ds, log)
 
 
-def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int = 0) -> dict[str, Any]:
-    """Train (resuming), evaluate every stage, write the job's files; returns metrics.json's content.
+def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int = 0, build: ModelFactory = build_istr,
+                       all_stages: Optional[bool] = None) -> dict[str, Any]:
+    """Train (resuming), evaluate, write the job's files; returns metrics.json's content.
 
-    With ``profile_iters`` only prints the training time breakdown and returns ``{}``.
+    ``build`` makes the detector (ISTR by default; the Mask R-CNN baseline passes its own builder), so every
+    model shares this data, training loop, evaluation and file layout. ``all_stages`` defaults to
+    ``cfg.eval_all_stages``. With ``profile_iters`` only prints the training time breakdown and returns ``{}``.
     """
     output_dir, device, log = _setup(cfg, output_dir)
     done = _read_metrics(output_dir)
     if done is not None and not profile_iters:
         log.info("%s is complete; nothing to do", output_dir)
         return done
-    cfg, train_ds, val_ds, model = prepare(cfg, log)
+    cfg, train_ds, val_ds, model = prepare(cfg, log, build)
     if profile_iters:
         train(model, train_ds, cfg, output_dir, device, log, profile_iters=profile_iters)
         return {}
     _check_or_write_config(cfg, output_dir)
-    log.info("training on %s (%d processes), %d train / %d val images, %d classes", device,
+    log.info("training %s on %s (%d processes), %d train / %d val images, %d classes", type(model).__name__, device,
              distributed.world_size(), len(train_ds), len(val_ds), cfg.model.num_classes)
     result = train(model, train_ds, cfg, output_dir, device, log)
     start = time.perf_counter()
+    all_stages = cfg.eval_all_stages if all_stages is None else all_stages
     metrics, detections = evaluate(model, val_ds, device, cfg.data.max_val_images, cfg.model.mask_threshold,
-                                   all_stages=cfg.eval_all_stages, num_workers=cfg.data.num_workers)
-    if not cfg.eval_all_stages:  # the one evaluated stage is the last
+                                   all_stages=all_stages, num_workers=cfg.data.num_workers)
+    if not all_stages:  # the one evaluated stage is the last
         metrics["stages"] = {str(cfg.model.head.num_stages): metrics["final"]}
     metrics.update(iterations=result.iterations, train_time_s=result.train_time_s,
                    eval_time_s=time.perf_counter() - start)
