@@ -22,10 +22,11 @@ import torch.nn.functional as F
 import torchvision
 from filelock import FileLock
 from torchvision.ops import box_iou, roi_align
+from tqdm import tqdm
 
 from istr.config import Config, to_dict
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("istr.run.pretrain")  # a child of the job logger: console + log.txt
 
 CROP_SIZE = 64
 CONTEXT = 1.2  # crop = box enlarged by this factor around its centre
@@ -54,7 +55,7 @@ def collect_crops(dataset, generator: torch.Generator, background_per_image: int
         labels: int64 [M], dataset labels 0..C-1 for objects, C for background
     """
     crops, labels = [], []
-    for index in range(len(dataset)):
+    for index in tqdm(range(len(dataset)), desc="pretrain crops", unit="img", mininterval=2):
         image, target = dataset[index]
         h, w = image.shape[-2:]
         boxes = target["boxes"].float()
@@ -94,7 +95,7 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
     targets = torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
     net.train()
     start, correct, seen = time.time(), 0, 0
-    for step in range(total):
+    for step in tqdm(range(total), desc="pretrain", unit="it", mininterval=2):
         index = torch.randint(len(crops), (cfg.pretrain.batch_size,), generator=generator)
         x = crops[index].float()
         flip = torch.rand(len(x), generator=generator) < 0.5
