@@ -220,7 +220,8 @@ def test_next_run_attaches_to_queued_jobs_instead_of_resubmitting(slurm_env, tmp
     assert {o.status for o in outcomes.values()} == {"done"}
     assert capsys.readouterr().out.count("attached to SLURM job") == 2
     array = ids[0].split("_")[0]
-    assert sorted(r.split("|")[0] for r in sacct_rows(slurm_env, array)) == ids  # nothing submitted twice
+    # nothing submitted twice; sacct may show the array as one row for a moment after it ends
+    wait_until(lambda: sorted(r.split("|")[0] for r in sacct_rows(slurm_env, array)) == ids, 30, "sacct rows of the array")
     assert all((tmp_path / f"r{label}" / "runs").read_text().count("\n") == 1 for label in "ab")
 
 
