@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "slurm"))
@@ -58,3 +59,12 @@ def slurm_env(slurm_cluster, monkeypatch) -> testcluster.TestCluster:
     """The session cluster, with SLURM_CONF set for this test only (submitit calls sbatch/sacct with os.environ)."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     return slurm_cluster
+
+
+@pytest.fixture
+def one_thread():
+    """Small models run fastest on one thread on the shared 2-core CPU; the setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

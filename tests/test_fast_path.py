@@ -17,12 +17,7 @@ from istr.models.fast import fold_all_batch_norms, fold_batch_norm, optimize_for
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_batch_norms(model: nn.Module) -> None:

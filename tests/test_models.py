@@ -14,13 +14,7 @@ from istr.models.pooler import MultiScalePooler, assign_levels
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread on the shared CPU; restore the setting for other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**overrides):

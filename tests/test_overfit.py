@@ -7,7 +7,6 @@ backbone), the matrix-product RoIAlign (parity-tested against torchvision's). St
 stages need ~300 iterations to catch up (measured: last-stage IoU 0.59 at 200, 0.85 at 320). About 70-110 s of
 one core.
 """
-import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -71,14 +70,6 @@ def mean_mask_iou(detections, targets):
         rows, cols = linear_sum_assignment(-iou.numpy())
         ious += iou[rows, cols].tolist() + [0.0] * (n - len(rows))
     return sum(ious) / len(ious)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_overfit_handful_of_images(one_thread):
