@@ -54,17 +54,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _new_id(ann_file: Path, item: Any, what: str, seen: Any) -> int:
+    """The integer id of one category / image / annotation, checked to be an integer not in ``seen``."""
+    value = item.get("id") if isinstance(item, dict) else None
+    if not _is_int(value):
+        raise DatasetError(f"{ann_file}: {what} {str(item)[:80]}: id must be an integer")
+    if value in seen:
+        raise DatasetError(f"{ann_file}: {what} id {value}: duplicate {what} id")
+    return value
+
+
 def _check_categories(ann_file: Path, categories: list) -> set[int]:
     seen: set[int] = set()
     if not categories:
         raise DatasetError(f"{ann_file}: no categories")
     for cat in categories:
-        cid = cat.get("id") if isinstance(cat, dict) else None
-        if not _is_int(cid):
-            raise DatasetError(f"{ann_file}: category {cat!r}: id must be an integer")
-        if cid in seen:
-            raise DatasetError(f"{ann_file}: category id {cid}: duplicate category id")
-        seen.add(cid)
+        seen.add(_new_id(ann_file, cat, "category", seen))
     return seen
 
 
@@ -75,11 +80,7 @@ def _check_images(ann_file: Path, images: list, images_dir: str | os.PathLike | 
         raise DatasetError(f"{ann_file}: image directory {images_dir} not found")
     sizes: dict[int, tuple[int, int]] = {}
     for img in images:
-        iid = img.get("id") if isinstance(img, dict) else None
-        if not _is_int(iid):
-            raise DatasetError(f"{ann_file}: image {img!r}: id must be an integer")
-        if iid in sizes:
-            raise DatasetError(f"{ann_file}: image id {iid}: duplicate image id")
+        iid = _new_id(ann_file, img, "image", sizes)
         height, width, name = img.get("height"), img.get("width"), img.get("file_name")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
             raise DatasetError(f"{ann_file}: image id {iid}: height/width must be positive integers, got {height!r}/{width!r}")
@@ -94,11 +95,7 @@ def _check_images(ann_file: Path, images: list, images_dir: str | os.PathLike | 
 def _check_annotations(ann_file: Path, annotations: list, images: dict, categories: set[int]) -> None:
     seen: set[int] = set()
     for ann in annotations:
-        aid = ann.get("id") if isinstance(ann, dict) else None
-        if not _is_int(aid):
-            raise DatasetError(f"{ann_file}: annotation {str(ann)[:80]}: id must be an integer")
-        if aid in seen:
-            raise DatasetError(f"{ann_file}: annotation id {aid}: duplicate annotation id")
+        aid = _new_id(ann_file, ann, "annotation", seen)
         seen.add(aid)
         problem = _annotation_problem(ann, images, categories)
         if problem:
