@@ -8,8 +8,9 @@ Ranking (entries with a ``rank_metric``), over rows that have both our mean and 
 - Every pair (a, b) the paper orders (paper(a) > paper(b)) is marked by d = ours(a) - ours(b):
   "within noise" when |d| < 2 * sigma, else "reproduced" when d > 0, "reversed" when d < 0.
   sigma is the pooled seed standard deviation of that metric over the entry's rows with >= 2 seeds,
-  sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)). Without any row of >= 2 seeds there is no noise band
-  (the report says so) and every nonzero d is reproduced or reversed. Paper ties are listed as such.
+  sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)). Without any row of >= 2 seeds there is no noise band, so no
+  pair is claimed: a nonzero d is only "same order, noise unknown" or "opposite order, noise unknown".
+  Paper ties are listed as such.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def ordering(agg: aggregate.Aggregate, metric: str) -> dict[str, Any]:
             verdict = "paper tie"
         elif abs(ours_delta) < threshold or ours_delta == 0:
             verdict = "within noise"
+        elif math.isnan(sigma):  # one seed per row: an order without a noise band is no claim
+            verdict = "same order, noise unknown" if ours_delta > 0 else "opposite order, noise unknown"
         else:
             verdict = "reproduced" if ours_delta > 0 else "reversed"
         pairs.append({"a": a, "b": b, "paper_delta": paper_delta, "ours_delta": ours_delta, "verdict": verdict})
@@ -159,7 +162,8 @@ def _ranking(agg: aggregate.Aggregate) -> list[str]:
     if len(result["rows"]) < 2:
         return [f"Fewer than two rows with both our and the paper's {metric}: no ranking."]
     if math.isnan(result["sigma"]):
-        band = "no row has 2 or more seeds, so there is no noise band: every nonzero difference counts"
+        band = ("no row has 2 or more seeds, so there is no noise band and no ordering is claimed as reproduced "
+                "or reversed (run with --seeds 2 or more)")
     else:
         band = f"within noise = |d| < {NOISE_FACTOR:g} × pooled seed std ({result['sigma']:.2f}) = {result['threshold']:.2f}"
     counts = pd.Series([p["verdict"] for p in result["pairs"]]).value_counts().to_dict()

@@ -91,3 +91,14 @@ def test_figure_reports_from_pca_and_stage_results(tmp_path):
         text = report.write_report(name, "tiny", tmp_path, tmp_path / "rep").read_text()
         assert "prints no numbers" in " ".join(text.split()) or "without printing numbers" in text
         assert (tmp_path / "rep" / "figures" / f"{name}-tiny.svg").exists()
+
+
+def test_single_seed_orderings_claim_nothing(tmp_path):
+    """One seed per row: no noise band, so no pair may be called reproduced or reversed."""
+    root = tmp_path / "results"
+    for label, value in [("L2+dice", 30.0), ("L2", 31.0), ("dice", 29.0)]:
+        put(root, "table1c", label, "smoke", 0, {"final": {m: value for m in FINAL}})
+    agg = aggregate.collect("table1c", "smoke", root, seeds=1)
+    verdicts = {(p["a"], p["b"]): p["verdict"] for p in report.ordering(agg, "mask_AP")["pairs"]}
+    assert verdicts == {("L2+dice", "L2"): "opposite order, noise unknown",
+                        ("L2+dice", "dice"): "same order, noise unknown", ("L2", "dice"): "same order, noise unknown"}
