@@ -3,19 +3,14 @@ import math
 
 import pytest
 
-from experiments import aggregate, jobs, registry, report, store
-
-FINAL = ["mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl",
-         "box_AP", "box_AP50", "box_AP75", "box_APs", "box_APm", "box_APl"]
+from experiments import aggregate, registry, report
+from result_fixtures import FINAL, put_result
 
 
 def put(root, name, label, scale, seed, metrics):
     """A complete result directory, as a runner would leave it."""
-    _, spec, digest = jobs.for_variant(registry.get(name), label, scale, (), seed)
-    directory = store.result_dir(root, digest)
-    store.write_json_atomic(directory / "spec.json", spec)
-    store.write_json_atomic(directory / "metrics.json", metrics)
-    store.write_json_atomic(directory / "run.json", {"wall_s": 12.5, "host": "testhost", "cpu": "TestCPU", "cpu_count": 2})
+    return put_result(root, name, label, scale, seed, metrics,
+                      run={"wall_s": 12.5, "host": "testhost", "cpu": "TestCPU", "cpu_count": 2})
 
 
 def final(mask_ap, stages=2):
