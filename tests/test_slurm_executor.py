@@ -65,6 +65,14 @@ def tasks_for(tmp_path: Path, labels, steps: int = 2, step_s: float = 1.0, table
                  dict(TINY)) for label in labels]
 
 
+def wait_until_ended(job_ids, timeout_s: float = 60) -> None:
+    """Poll sacct until none of ``job_ids`` is pending or running (the accounting lags the job's own exit)."""
+    deadline = time.monotonic() + timeout_s
+    while set(slurm_executor.slurm_states(job_ids).values()) & set(slurm_executor.ACTIVE_STATES):
+        assert time.monotonic() < deadline, f"jobs {job_ids} still active after {timeout_s} s"
+        time.sleep(0.5)
+
+
 def run_with_deadline(executor, tasks, timeout_s: float = 120):
     """``executor.run`` in a thread with a deadline; returns (outcomes, progress events)."""
     events, result = [], {}
@@ -180,6 +188,8 @@ def test_one_array_per_table_completes_with_records_and_status(slurm_env, tmp_pa
     assert all(r["job_id"] in printed and r["stdout"] in printed for r in records.values())
     assert all((tmp_path / f"r{label}" / "progress").read_text() == "2" for label in "abcd")
 
+    # submitit sees the result file a moment before slurmd reports the step ended: wait for sacct to settle.
+    wait_until_ended([r["job_id"] for r in records.values()])
     planned = [argparse.Namespace(digest=t.key, uses=[t.name], state="partial") for t in tasks]
     planned.append(argparse.Namespace(digest="never", uses=["fake/e/seed0"], state="new"))
     slurm_executor.print_status(planned, tmp_path / "submitit")
