@@ -162,6 +162,10 @@ class SolverConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     checkpoint_period: int = 5000
     log_period: int = 20
+    # Learning curve: every eval_period iterations (0 = never) evaluate every stage on the first eval_images
+    # val images and append a line to learning_curve.jsonl. Costs eval time, changes no training numerics.
+    eval_period: int = 0
+    eval_images: int = 50
 
 
 @dataclass

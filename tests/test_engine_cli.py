@@ -37,9 +37,33 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa if isinstance(wa[k], torch.Tensor))
 
 
-def test_kill9_then_same_command_resumes_to_the_same_result(tmp_path, cache):
-    args = [*TINY, "solver.max_iter=9", "solver.checkpoint_period=3", "solver.steps=[6]"]
-    cli("istr.train", "--output-dir", str(tmp_path / "full"), *args, cache=cache)
+RESUMABLE = [*TINY, "solver.max_iter=9", "solver.checkpoint_period=3", "solver.steps=[6]"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache) -> Path:
+    """An uninterrupted 9-iteration tiny run without a learning curve."""
+    out = tmp_path_factory.mktemp("full")
+    cli("istr.train", "--output-dir", str(out), *RESUMABLE, cache=cache)
+    return out
+
+
+def test_learning_curve_points_change_no_training_numerics(tmp_path, cache, full_run):
+    run = tmp_path / "curve"
+    cli("istr.train", "--output-dir", str(run), *RESUMABLE, "solver.eval_period=3", "solver.eval_images=8",
+        cache=cache)
+    points = [json.loads(line) for line in (run / "learning_curve.jsonl").read_text().splitlines()]
+    assert [p["iteration"] for p in points] == [3, 6, 9]
+    assert all(set(p["stages"]) == {"1", "2"} and "mask_AP" in p["stages"]["2"] for p in points)
+    assert [p["train_time_s"] for p in points] == sorted(p["train_time_s"] for p in points)
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["num_val_images"] == 8 and points[-1]["stages"] == final["stages"]  # same model, same images
+    assert final["stages"] == json.loads((full_run / "metrics.json").read_text())["stages"]
+    assert same_weights(run / "checkpoints" / "final.pth", full_run / "checkpoints" / "final.pth")
+
+
+def test_kill9_then_same_command_resumes_to_the_same_result(tmp_path, cache, full_run):
+    args = RESUMABLE
 
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "istr.train", "--output-dir", str(run), *args, f"data.cache_dir={cache}"]
@@ -57,12 +81,12 @@ def test_kill9_then_same_command_resumes_to_the_same_result(tmp_path, cache):
 
     out = cli("istr.train", "--output-dir", str(run), *args, cache=cache)
     assert f"resumed from {run / 'checkpoints' / 'last.pth'} at iteration {killed_at}" in out.stdout
-    full, resumed = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "full", run))
+    full, resumed = (json.loads((d / "metrics.json").read_text()) for d in (full_run, run))
     assert resumed["stages"] == full["stages"] and resumed["iterations"] == full["iterations"] == 9
-    assert (run / "detections.json").read_text() == (tmp_path / "full" / "detections.json").read_text()
-    assert same_weights(run / "checkpoints" / "final.pth", tmp_path / "full" / "checkpoints" / "final.pth")
+    assert (run / "detections.json").read_text() == (full_run / "detections.json").read_text()
+    assert same_weights(run / "checkpoints" / "final.pth", full_run / "checkpoints" / "final.pth")
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
-              for d in (tmp_path / "full", run)]
+              for d in (full_run, run)]
     assert len(losses[0]) == 9 and losses[0] == losses[1]
     assert not list((run / "checkpoints").glob("*.tmp"))
     # a finished run is not redone

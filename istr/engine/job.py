@@ -212,9 +212,14 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int =
     _check_or_write_config(cfg, output_dir)
     log.info("training %s on %s (%d processes), %d train / %d val images, %d classes", type(model).__name__, device,
              distributed.world_size(), len(train_ds), len(val_ds), cfg.model.num_classes)
-    result = train(model, train_ds, cfg, output_dir, device, log)
-    start = time.perf_counter()
     all_stages = cfg.eval_all_stages if all_stages is None else all_stages
+
+    def learning_curve_point(trained: torch.nn.Module) -> dict[str, Any]:
+        return evaluate(trained, val_ds, device, cfg.solver.eval_images, cfg.model.mask_threshold,
+                        all_stages=all_stages)[0]
+
+    result = train(model, train_ds, cfg, output_dir, device, log, periodic_eval=learning_curve_point)
+    start = time.perf_counter()
     metrics, detections = evaluate(model, val_ds, device, cfg.data.max_val_images, cfg.model.mask_threshold,
                                    all_stages=all_stages, num_workers=cfg.data.num_workers)
     if not all_stages:  # the one evaluated stage is the last

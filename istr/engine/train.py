@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -99,18 +99,42 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp
     optimizer.zero_grad(set_to_none=True)
 
 
+PeriodicEval = Callable[[nn.Module], dict[str, Any]]  # model -> {"stages": {"1": {metric: value}, ...}}
+
+
+def _evaluate_now(model: nn.Module, periodic_eval: PeriodicEval, curve: Optional[Path], iteration: int,
+                  train_time: float, log: logging.Logger) -> None:
+    """One learning-curve point; the model goes back to training mode afterwards."""
+    state = rng_state()  # evaluation must not move the training's random streams
+    model.eval()
+    try:
+        metrics = periodic_eval(model)
+    finally:
+        model.train()
+        set_rng_state(state)
+    if curve is not None:
+        stages = metrics.get("stages", {})
+        with open(curve, "a") as handle:
+            handle.write(json.dumps({"iteration": iteration, "train_time_s": round(train_time, 2), "stages": stages}) + "\n")
+        last = stages.get(max(stages, key=int)) if stages else {}
+        log.info("iteration %d: mask AP %s, box AP %s (learning curve)", iteration, last.get("mask_AP"), last.get("box_AP"))
+
+
 def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Path, device: torch.device,
-          log: Optional[logging.Logger] = None, profile_iters: int = 0) -> TrainResult:
+          log: Optional[logging.Logger] = None, profile_iters: int = 0,
+          periodic_eval: Optional[PeriodicEval] = None) -> TrainResult:
     """Train ``model`` on ``dataset`` to ``cfg.solver.max_iter``, resuming from ``checkpoints/last.pth``.
 
-    Writes ``metrics.jsonl`` and ``checkpoints/{last,final}.pth`` under ``output_dir`` (rank 0).
+    Writes ``metrics.jsonl`` and ``checkpoints/{last,final}.pth`` under ``output_dir`` (rank 0); with
+    ``solver.eval_period > 0`` and ``periodic_eval`` also ``learning_curve.jsonl``: one line per evaluation
+    (``iteration``, ``train_time_s``, ``stages``), called on every rank, the model in eval mode meanwhile.
     With ``profile_iters > 0`` runs 1 + ``profile_iters`` iterations from the current state instead,
     writes nothing and logs the time breakdown of the last ``profile_iters``.
     """
     log = log or logging.getLogger("istr.train")
     solver = cfg.solver
     output_dir, rank, world = Path(output_dir), distributed.rank(), distributed.world_size()
-    ckpt_dir, jsonl = output_dir / "checkpoints", output_dir / "metrics.jsonl"
+    ckpt_dir, jsonl, curve = output_dir / "checkpoints", output_dir / "metrics.jsonl", output_dir / "learning_curve.jsonl"
     is_main, writing = rank == 0, profile_iters == 0
 
     model.to(device)
@@ -139,6 +163,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     if is_main and writing:
         output_dir.mkdir(parents=True, exist_ok=True)
         _truncate_jsonl(jsonl, start_iter)
+        _truncate_jsonl(curve, start_iter)
     # what a checkpoint alone needs to rebuild and evaluate its model
     identity = {"config": to_dict(cfg), "label_to_category_id": list(getattr(dataset, "label_to_category_id", []))}
     if start_iter >= end_iter:  # finished before (killed during evaluation, say)
@@ -201,6 +226,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
                     log.info("iter %d/%d  loss %.4f  lr %.3g  %.3f s/it", done, end_iter, values["loss"], lr,
                              record["time_s"])
                 window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
+            if writing and periodic_eval and solver.eval_period > 0 and done % solver.eval_period == 0:
+                _evaluate_now(model, periodic_eval, curve if is_main else None, done, train_time, log)
             if writing and (done % solver.checkpoint_period == 0 or done == end_iter):
                 states = distributed.all_gather_objects(rng_state())
                 if is_main:
