@@ -215,8 +215,11 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int =
     all_stages = cfg.eval_all_stages if all_stages is None else all_stages
 
     def learning_curve_point(trained: torch.nn.Module) -> dict[str, Any]:
-        return evaluate(trained, val_ds, device, cfg.solver.eval_images, cfg.model.mask_threshold,
-                        all_stages=all_stages)[0]
+        point = evaluate(trained, val_ds, device, cfg.solver.eval_images, cfg.model.mask_threshold,
+                         all_stages=all_stages)[0]
+        if not all_stages:  # named like metrics.json below
+            point["stages"] = {str(cfg.model.head.num_stages): point["final"]}
+        return point
 
     result = train(model, train_ds, cfg, output_dir, device, log, periodic_eval=learning_curve_point)
     start = time.perf_counter()
