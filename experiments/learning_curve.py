@@ -3,7 +3,7 @@
     python -m experiments.learning_curve RUN_DIR [--out reports/NAME]
 
 A run writes that file when trained with ``solver.eval_period=N`` (and ``solver.eval_images``, the first val
-images each point is measured on). Writes ``NAME.md`` (table + figure + the run's provenance) and
+images each point is measured on). Writes ``NAME.md`` (the solver settings, a table and the figure) and
 ``figures/NAME.{png,svg}`` next to it.
 """
 from __future__ import annotations

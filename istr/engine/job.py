@@ -214,19 +214,17 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int =
              distributed.world_size(), len(train_ds), len(val_ds), cfg.model.num_classes)
     all_stages = cfg.eval_all_stages if all_stages is None else all_stages
 
-    def learning_curve_point(trained: torch.nn.Module) -> dict[str, Any]:
-        point = evaluate(trained, val_ds, device, cfg.solver.eval_images, cfg.model.mask_threshold,
-                         all_stages=all_stages)[0]
-        if not all_stages:  # named like metrics.json below
-            point["stages"] = {str(cfg.model.head.num_stages): point["final"]}
-        return point
+    def evaluate_stages(trained: torch.nn.Module, max_images: Optional[int], num_workers: int = 0):
+        metrics, detections = evaluate(trained, val_ds, device, max_images, cfg.model.mask_threshold,
+                                       all_stages=all_stages, num_workers=num_workers)
+        if not all_stages:  # the one evaluated stage is the last
+            metrics["stages"] = {str(cfg.model.head.num_stages): metrics["final"]}
+        return metrics, detections
 
-    result = train(model, train_ds, cfg, output_dir, device, log, periodic_eval=learning_curve_point)
+    result = train(model, train_ds, cfg, output_dir, device, log,
+                   periodic_eval=lambda trained: evaluate_stages(trained, cfg.solver.eval_images)[0])
     start = time.perf_counter()
-    metrics, detections = evaluate(model, val_ds, device, cfg.data.max_val_images, cfg.model.mask_threshold,
-                                   all_stages=all_stages, num_workers=cfg.data.num_workers)
-    if not all_stages:  # the one evaluated stage is the last
-        metrics["stages"] = {str(cfg.model.head.num_stages): metrics["final"]}
+    metrics, detections = evaluate_stages(model, cfg.data.max_val_images, cfg.data.num_workers)
     metrics.update(iterations=result.iterations, train_time_s=result.train_time_s,
                    eval_time_s=time.perf_counter() - start)
     if distributed.rank() == 0:
