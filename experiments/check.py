@@ -114,13 +114,15 @@ def update_baseline(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DI
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.check", description=__doc__.splitlines()[0])
-    parser.add_argument("name")
+    parser.add_argument("name", help="an experiment (see python -m experiments.run --list)")
     parser.add_argument("overrides", nargs="*", help="the config overrides the run used (key=value)")
-    parser.add_argument("--scale", default="smoke")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--results-root", default=None)
-    parser.add_argument("--baselines-dir", default=str(BASELINES_DIR))
-    parser.add_argument("--update-baseline", action="store_true")
+    parser.add_argument("--scale", default="smoke",
+                        help="paper: compare with the paper's values; smoke/tiny: with the committed smoke baseline")
+    parser.add_argument("--seeds", type=int, default=None, help="the --seeds the run used")
+    parser.add_argument("--results-root", default=None, help="as for experiments.run (default $ISTR_RESULTS, else results/)")
+    parser.add_argument("--baselines-dir", default=str(BASELINES_DIR), help="where <name>.json smoke baselines live")
+    parser.add_argument("--update-baseline", action="store_true",
+                        help="write the smoke baseline from the current results instead of checking")
     args = parser.parse_args(argv)
     try:
         registry.get(args.name).settings(args.scale)  # validates name and scale

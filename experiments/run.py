@@ -147,15 +147,23 @@ def _is_override(token: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help="an experiment (see --list) or 'all'")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    parser.add_argument("--scale", default="smoke")
-    parser.add_argument("--executor", default="local")
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--list", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--results-root", default=None)
-    parser.add_argument("--reports-dir", default="reports")
-    parser.add_argument("--only", nargs="+", default=[], metavar="LABEL")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides key=value applied to every variant, e.g. solver.max_iter=500 "
+                             "(they change each job's hash: a different job, cached apart)")
+    parser.add_argument("--scale", default="smoke",
+                        help="tiny (CI plumbing, seconds), smoke (this CPU, the default) or paper (COCO, GPUs)")
+    parser.add_argument("--executor", default="local",
+                        help="debug (in this process), local (submitit's local executor, the default) or slurm")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (jobs, hashes, cached or not, resources) and run nothing")
+    parser.add_argument("--list", action="store_true", help="list the experiments and their variants")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per variant (default: the registry's; the default variant gets at least 3 at smoke)")
+    parser.add_argument("--results-root", default=None,
+                        help="where results/<hash>/ directories live (default $ISTR_RESULTS, else results/)")
+    parser.add_argument("--reports-dir", default="reports", help="where <name>.md and figures/ are written")
+    parser.add_argument("--only", nargs="+", default=[], metavar="LABEL",
+                        help="run only these variants (labels as printed by --list)")
     parser.add_argument("--max-parallel", type=int, default=None, help="local executor: jobs at once; slurm: array parallelism")
     parser.add_argument("--status", action="store_true", help="show each job's state and stop")
     slurm_executor.add_arguments(parser)
