@@ -87,7 +87,8 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
                 curves.append(list(metrics["explained_variance_ratio"]))
             run = store.read_json(directory / "run.json") or {}
             runs.append({"label": variant.label, "seed": seed_index, "hash": digest, "wall_s": run.get("wall_s"),
-                         **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end")}})
+                         **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end",
+                                                       "adopted_from")}})
             seed_index += 1
     frames = {stat: _frame(entry, samples, stat) for stat in ("mean", "std", "min", "max", "count")}
     return Aggregate(entry, scale, runs=runs, missing=missing, extras={"explained_variance_ratio": curves}, **frames)

@@ -73,7 +73,13 @@ def check(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DIR, out=Non
     if not expected:
         print(f"MISSING nothing to check for {agg.entry.name} at {agg.scale} scale (no expected values)", file=out)
         return 2
-    failed = missing = 0
+    failed = missing = unlisted = 0
+    if agg.scale != "paper":  # a baseline that lacks a runnable row must not let that row pass unchecked
+        runnable = [r for r in agg.entry.rows if r not in {v.label for v in agg.entry.variants if v.reported_only}]
+        for row in [r for r in runnable if not any(key[0] == r for key in expected)]:
+            unlisted += 1
+            print(f"MISSING {agg.entry.name} | {row}: not in the baseline "
+                  f"{baseline_path(agg.entry.name, agg.scale, baselines_dir)} (run it, then --update-baseline)", file=out)
     for (row, metric), (value, tol) in expected.items():
         ours = agg.mean.loc[row, metric] if row in agg.mean.index and metric in agg.mean.columns else math.nan
         if math.isnan(ours):
@@ -84,8 +90,9 @@ def check(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DIR, out=Non
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'} {agg.entry.name} | {row} | {metric}: ours {ours:.3f}, expected {value:.3f} ± {tol:.3f} "
               f"(delta {ours - value:+.3f})", file=out)
-    print(f"{len(expected)} checked: {len(expected) - failed - missing} pass, {failed} fail, {missing} missing", file=out)
-    return 2 if missing else (1 if failed else 0)
+    print(f"{len(expected)} checked: {len(expected) - failed - missing} pass, {failed} fail, {missing} missing"
+          + (f"; {unlisted} row(s) not in the baseline" if unlisted else ""), file=out)
+    return 2 if missing or unlisted else (1 if failed else 0)
 
 
 def update_baseline(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DIR) -> Path:
@@ -123,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baselines-dir", default=str(BASELINES_DIR), help="where <name>.json smoke baselines live")
     parser.add_argument("--update-baseline", action="store_true",
                         help="write the smoke baseline from the current results instead of checking")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         registry.get(args.name).settings(args.scale)  # validates name and scale
         agg = aggregate.collect(args.name, args.scale, store.results_root(args.results_root), args.seeds, args.overrides)

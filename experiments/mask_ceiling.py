@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated numbers of PCA components to measure, one cached PCA fit each "
                              "(default 40,60,80,784)")
     parser.add_argument("--out", default=None, help="write OUT.md (e.g. reports/mask_ceiling)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = build_config(args.scale, args.overrides)
         train_ds, val_ds = build_datasets(cfg, train_transforms=False)

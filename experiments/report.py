@@ -202,5 +202,6 @@ def _provenance(agg: aggregate.Aggregate, overrides: Sequence[str]) -> list[str]
     out += ["", "| variant | seed | hash | wall time (s) | host | finished |", "|---|---|---|---|---|---|"]
     for r in runs:
         wall = f"{r['wall_s']:.1f}" if isinstance(r.get("wall_s"), (int, float)) else "—"
-        out.append(f"| {r['label']} | {r['seed']} | {r['hash']} | {wall} | {r.get('host') or '—'} | {r.get('end') or '—'} |")
+        finished = (r.get("end") or "—") + (f" (adopted from {r['adopted_from']})" if r.get("adopted_from") else "")
+        out.append(f"| {r['label']} | {r['seed']} | {r['hash']} | {wall} | {r.get('host') or '—'} | {finished} |")
     return out

@@ -53,6 +53,17 @@ def test_smoke_check_pass_regression_missing(smoke_results, capsys):
     assert "MISSING table1d | multi-head | mask_AP: no complete result" in capsys.readouterr().out
 
 
+def test_a_row_missing_from_the_smoke_baseline_is_never_a_pass(tmp_path, capsys):
+    """A baseline written while only the default had run must not let the other variants pass unchecked."""
+    put(tmp_path / "res", "table1d", "dynamic", "smoke", 0, values(0.0))
+    assert run_check(tmp_path, "--seeds", "1", "--update-baseline") == 0
+    assert run_check(tmp_path, "--seeds", "1") == 2
+    out = capsys.readouterr().out
+    assert "PASS table1d | dynamic | mask_AP" in out
+    assert "MISSING table1d | multi-head: not in the baseline" in out
+    assert "6 checked: 6 pass, 0 fail, 0 missing; 1 row(s) not in the baseline" in out
+
+
 def test_paper_scale_compares_with_the_paper(tmp_path, capsys):
     paper = registry.get("table1d").reference
     for label in ("multi-head", "dynamic"):
