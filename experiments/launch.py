@@ -36,7 +36,8 @@ class Outcome:
     error: str = ""
 
 
-Progress = Callable[[Task, str, Outcome | None], None]  # (task, "start" | "end", outcome at the end)
+# (task, "start" | "running" | "end", outcome at the end); "running" comes every heartbeat_s while it runs
+Progress = Callable[[Task, str, Outcome | None], None]
 
 
 def _outcome(result: Any) -> Outcome:
@@ -78,12 +79,14 @@ class LocalExecutor(Executor):
 
     name = "local"
     poll_s = 0.5
+    heartbeat_s = 60.0
 
     def run(self, tasks: Sequence[Task], progress: Progress) -> dict[str, Outcome]:
         import submitit
 
         executor = submitit.LocalExecutor(folder=str(self.folder / "%j"))
         pending, running, outcomes = list(tasks), {}, {}
+        last_beat = time.perf_counter()
         while pending or running:
             while pending and len(running) < self._parallel(pending[0]):
                 task = pending.pop(0)
@@ -101,6 +104,10 @@ class LocalExecutor(Executor):
                     outcome = Outcome("failed", time.perf_counter() - start, _exception_line(err))
                 outcomes[key] = outcome
                 progress(task, "end", outcome)
+            if running and time.perf_counter() - last_beat >= self.heartbeat_s:
+                last_beat = time.perf_counter()
+                for task, _, _ in running.values():
+                    progress(task, "running", None)
             if running:
                 time.sleep(self.poll_s)
         return outcomes

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -114,6 +116,7 @@ def execute_plan(jobs_: Sequence[PlannedJob], executor_name: str, results_root: 
     tasks = [Task(j.digest, j.uses[0], jobs.execute, (j.spec, str(j.directory), j.required), j.resources) for j in todo]
     executor = make_executor(executor_name, results_root / "_submitit", max_parallel, **(executor_options or {}))
     index = {t.key: i + 1 for i, t in enumerate(tasks)}
+    planned = {j.digest: j for j in todo}
     counts = {"finished": 0, "failed": 0}
     start = time.perf_counter()
 
@@ -121,6 +124,11 @@ def execute_plan(jobs_: Sequence[PlannedJob], executor_name: str, results_root: 
         prefix = f"[{index[task.key]}/{len(tasks)}] {task.key} {task.name}"
         if event == "start":
             print(f"{prefix}: started", file=out, flush=True)
+            return
+        if event == "running":
+            line = training_progress(planned[task.key])
+            if line:
+                print(f"{prefix}: {line}", file=out, flush=True)
             return
         counts["finished"] += 1
         counts["failed"] += outcome.status == "failed"
@@ -130,6 +138,19 @@ def execute_plan(jobs_: Sequence[PlannedJob], executor_name: str, results_root: 
 
     outcomes = executor.run(tasks, progress) if tasks else {}
     return outcomes
+
+
+def training_progress(job: PlannedJob) -> str:
+    """"iteration I/N, S s/it, ~M min to go" from the last line of a running job's metrics.jsonl ("" if none)."""
+    try:
+        with open(job.directory / "metrics.jsonl", "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            last = json.loads(handle.read().decode(errors="replace").strip().splitlines()[-1])
+        done, per_it = int(last["iteration"]), float(last["time_s"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+    total = int(job.spec.get("config", {}).get("solver", {}).get("max_iter", done))
+    return f"iteration {done}/{total}, {per_it:.2f} s/it, ~{max(0, total - done) * per_it / 60:.0f} min of training to go"
 
 
 def report_path_stem(name: str, scale: str) -> str:

@@ -178,6 +178,7 @@ def _in_queue(job_id: str) -> bool:
 
 class SlurmExecutor(Executor):
     name = "slurm"
+    heartbeat_s = 300.0  # how often running jobs report their training progress
 
     def __init__(self, folder: str | Path, max_parallel: int | None = None, settings: Optional[dict] = None,
                  slurm_folder: Optional[str] = None):
@@ -272,7 +273,7 @@ class SlurmExecutor(Executor):
         import submitit
 
         outcomes: dict[str, Outcome] = {}
-        began = time.monotonic()
+        began = last_beat = time.monotonic()
         while watching:
             # One sacct call for all jobs; polls get sparser as the wait grows (1 s at first, 30 s at most).
             time.sleep(min(30.0, max(1.0, (time.monotonic() - began) / 10)))
@@ -288,6 +289,10 @@ class SlurmExecutor(Executor):
                 del watching[key]
                 outcomes[key] = outcome
                 progress(task, "end", outcome)
+            if watching and time.monotonic() - last_beat >= self.heartbeat_s:
+                last_beat = time.monotonic()
+                for task, _, _ in watching.values():
+                    progress(task, "running", None)
         return outcomes
 
     @staticmethod

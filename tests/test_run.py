@@ -1,4 +1,5 @@
 """The runner CLI: planning (shared default job), dry run, caching, bad input, executors."""
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,21 @@ def test_local_executor_runs_tasks_in_subprocesses(tmp_path):
     assert store.read_json(target) == {"ok": 1}
     assert len(list((tmp_path / "submitit").glob("*/*_log.out"))) == 2  # each ran as a submitit job
     assert sorted(events) == [("k1", "end"), ("k1", "start"), ("k2", "end"), ("k2", "start")]
+
+
+def test_local_executor_reports_running_jobs_on_a_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch.LocalExecutor, "heartbeat_s", 0.3)
+    events = []
+    task = launch.Task("k", "slow", time.sleep, (2.0,), {"time_min": 1})
+    launch.make_executor("local", tmp_path / "submitit", max_parallel=1).run(
+        [task], lambda task, event, outcome: events.append(event))
+    assert events[0] == "start" and events[-1] == "end"
+    assert events.count("running") >= 2  # ~2 s of work at a 0.3 s heartbeat
+
+
+def test_training_progress_reads_the_last_logged_iteration(tmp_path):
+    job = run.PlannedJob("h", tmp_path, {"config": {"solver": {"max_iter": 3000}}}, ["t/x/seed0"], [], {}, "", 0)
+    assert run.training_progress(job) == ""  # nothing logged yet
+    lines = [{"iteration": i, "time_s": 0.9, "loss": 1.0} for i in (20, 40, 1200)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run.training_progress(job) == "iteration 1200/3000, 0.90 s/it, ~27 min of training to go"
