@@ -22,7 +22,7 @@ from typing import Sequence
 
 import yaml
 
-from istr.config import ConfigError, to_dict
+from istr.config import ConfigError, from_dict, to_dict
 from istr.data import DatasetError
 
 from experiments import jobs, registry, store
@@ -55,7 +55,7 @@ def adopt(run_dir: str | Path, name: str, label: str, scale: str = "smoke", seed
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(f"{config_file}: not found (RUN_DIR must be an istr.train output directory)")
-    run_config = yaml.safe_load(config_file.read_text())
+    run_config = to_dict(from_dict(yaml.safe_load(config_file.read_text())))  # keys added since: their old meaning
     differing = _differences(run_config, resolved_config(cfg))
     if differing:
         raise ConfigError(f"{run_dir} is not the job {name}/{label} seed {seed_index} at {scale} scale: config differs in "

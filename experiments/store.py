@@ -11,6 +11,7 @@ again (the runner resumes from its checkpoints); a complete one is never run aga
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -24,9 +25,29 @@ IDENTITY_KEYS = ("runner", "config", "options")  # what makes two jobs the same 
 
 
 def canonical_json(spec: dict[str, Any]) -> str:
-    """Sorted keys, no whitespace, tuples as lists: equal specs give equal text whatever their key order."""
+    """Sorted keys, no whitespace, tuples as lists: equal specs give equal text whatever their key order.
+
+    Config keys of ``istr.config.ADDED_KEYS`` are left out while they hold their old-behaviour value, so
+    adding a config key does not change the hash of any job that existed before it.
+    """
     identity = {k: spec[k] for k in IDENTITY_KEYS if spec.get(k) not in (None, {})}
+    if isinstance(identity.get("config"), dict):
+        identity["config"] = _without_added_defaults(identity["config"])
     return json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list, allow_nan=True)
+
+
+def _without_added_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    from istr.config import ADDED_KEYS
+
+    config = copy.deepcopy(config)
+    for key, value in ADDED_KEYS.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+            del node[leaf]
+    return config
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

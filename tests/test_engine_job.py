@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from istr.config import ConfigError, build_config
 from istr.engine.job import _check_or_write_config, fit_pca_job
@@ -35,3 +36,14 @@ def test_run_directory_refuses_another_config(tmp_path):
     other = build_config("tiny", {"solver.lr": 0.5, "model.mask.components": 8})
     with pytest.raises(ConfigError, match="model.mask.components, solver.lr"):
         _check_or_write_config(other, tmp_path)
+
+
+def test_run_directory_written_before_a_key_was_added_still_resumes(tmp_path):
+    cfg = build_config("tiny")
+    _check_or_write_config(cfg, tmp_path)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["solver"]["optimizer"], saved["solver"]["momentum"]  # as written before these keys existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_or_write_config(cfg, tmp_path)  # same run: resumes
+    with pytest.raises(ConfigError, match="solver.optimizer"):
+        _check_or_write_config(build_config("tiny", {"solver.optimizer": "sgd"}), tmp_path)

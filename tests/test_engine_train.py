@@ -13,7 +13,7 @@ from engine_fakes import FakeDataset, FakeDetector
 from istr.config import build_config
 from istr.engine.checkpoint import LAST, CheckpointError, atomic_save, load_checkpoint
 from istr.engine.sampling import IterationBatchSampler
-from istr.engine.schedule import lr_factor
+from istr.engine.schedule import build_optimizer, lr_factor
 from istr.engine.train import NonFiniteLossError, train
 
 torch.set_num_threads(1)
@@ -42,6 +42,15 @@ def test_lr_schedule_warmup_and_steps():
     assert lr_factor(0, s) == pytest.approx(0.01)
     assert lr_factor(2, s) == pytest.approx(0.01 * 0.5 + 0.5)
     assert [lr_factor(i, s) for i in (4, 5, 6, 7, 8, 100)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_optimizer_choice():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    adamw = build_optimizer(model, tiny_cfg().solver)
+    sgd = build_optimizer(model, tiny_cfg(**{"solver.optimizer": "sgd", "solver.momentum": 0.8, "solver.lr": 0.02}).solver)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["lr"] == 0.02
+    assert sgd.param_groups[0]["weight_decay"] == tiny_cfg().solver.weight_decay
 
 
 def test_sampler_is_pure_sharded_and_covers_each_epoch():

@@ -86,6 +86,9 @@ def test_resolution_order_and_scale_specific_overrides():
     table2 = registry.get("table2")
     assert table2.resolve("ISTR R101", "paper").model.backbone.name == "resnet101"
     assert table2.resolve("ISTR R101", "smoke").model.backbone.name == "resnet34"  # smoke stand-in, later layer wins
+    mrcnn = table2.resolve("Mask R-CNN R101", "paper")  # detectron2's 3x recipe, not ISTR's AdamW
+    assert (mrcnn.solver.optimizer, mrcnn.solver.lr, mrcnn.solver.clip_grad_norm, mrcnn.data.crop_prob) == ("sgd", 0.02, 0.0, 0.0)
+    assert mrcnn.model.backbone.name == "resnet101" and table2.resolve("ISTR R50", "paper").solver.optimizer == "adamw"
     assert table2.resolve("ISTR R101", "smoke", ["model.backbone.name=resnet18"]).model.backbone.name == "resnet18"
     cfg = registry.get("table1a").resolve("l=40", "smoke", ["model.mask.components=20"], seed_index=2)
     assert cfg.model.mask.components == 20 and cfg.seed == build_config().seed + 2

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from istr.config import build_config, to_dict
+from istr.config import ADDED_KEYS, build_config, to_dict
 from experiments import jobs, store
 
 REQUIRED = [("final", "mask_AP"), ("final", "box_AP")]
@@ -35,6 +35,17 @@ def test_hash_is_stable_and_independent_of_key_order():
     assert len(store.spec_hash(spec())) == 12 and store.spec_hash(spec()) == store.spec_hash(spec())
     assert store.spec_hash(spec()) != store.spec_hash(spec(**{"model.mask.components": 20}))
     assert store.spec_hash(spec()) != store.spec_hash({**spec(), "options": {"runs": 3}})
+
+
+def test_a_config_key_added_later_keeps_old_hashes_at_its_old_behaviour_value():
+    new = spec()
+    old = json.loads(json.dumps(new))
+    for key in ADDED_KEYS:  # a spec written before these keys existed
+        section, leaf = key.split(".")
+        del old["config"][section][leaf]
+    assert store.spec_hash(new) == store.spec_hash(old)
+    assert store.spec_hash(spec(**{"solver.optimizer": "sgd"})) != store.spec_hash(old)
+    assert store.spec_hash(spec(**{"solver.momentum": 0.5})) != store.spec_hash(old)
 
 
 def test_atomic_write_and_corrupt_reads(tmp_path):

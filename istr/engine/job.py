@@ -27,7 +27,7 @@ import yaml
 from filelock import FileLock
 from tqdm import tqdm
 
-from istr.config import Config, ConfigError, to_dict
+from istr.config import Config, ConfigError, from_dict, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
 from istr.engine.evaluate import evaluate
@@ -140,7 +140,7 @@ def _check_or_write_config(cfg: Config, output_dir: Path) -> None:
     path = output_dir / "config.yaml"
     data = to_dict(cfg)
     if path.exists():
-        old = yaml.safe_load(path.read_text())
+        old = to_dict(from_dict(yaml.safe_load(path.read_text())))  # keys added since it was written get their old meaning
         if old != data:
             diff = sorted(_diff_keys(old, data))
             raise ConfigError(f"{output_dir} holds a run with another config (differs in {', '.join(diff[:5])}); "

@@ -23,8 +23,9 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
     return warmup * solver.gamma ** bisect.bisect_right(list(solver.steps), iteration)
 
 
-def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the backbone's (``backbone.*``) in their own lr group."""
+def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
+    """``solver.optimizer`` (AdamW, or SGD with momentum) over the trainable parameters; the backbone's
+    (``backbone.*``) in their own lr group."""
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -32,6 +33,8 @@ def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.AdamW
     groups = [{"params": rest, "lr": solver.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": solver.lr * solver.backbone_lr_factor})
+    if solver.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
     return torch.optim.AdamW(groups, lr=solver.lr, betas=solver.betas, weight_decay=solver.weight_decay)
 
 
