@@ -24,22 +24,15 @@ import yaml
 
 from istr.config import ConfigError, from_dict, to_dict
 from istr.data import DatasetError
+from istr.engine.job import diff_keys, prepare
 
 from experiments import jobs, registry, store
 
 ADOPTABLE_RUNNERS = ("istr", "maskrcnn")  # runners whose job is one istr.engine training run
 
 
-def _differences(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def resolved_config(cfg) -> dict:
     """The job's config as the engine writes it to config.yaml (class count and backbone weights resolved)."""
-    from istr.engine.job import prepare
-
     resolved, *_ = prepare(cfg, logging.getLogger("istr.adopt"), build=lambda *args: None)
     return to_dict(resolved)
 
@@ -56,7 +49,7 @@ def adopt(run_dir: str | Path, name: str, label: str, scale: str = "smoke", seed
     if not config_file.is_file():
         raise ConfigError(f"{config_file}: not found (RUN_DIR must be an istr.train output directory)")
     run_config = to_dict(from_dict(yaml.safe_load(config_file.read_text())))  # keys added since: their old meaning
-    differing = _differences(run_config, resolved_config(cfg))
+    differing = diff_keys(run_config, resolved_config(cfg))
     if differing:
         raise ConfigError(f"{run_dir} is not the job {name}/{label} seed {seed_index} at {scale} scale: config differs in "
                           f"{', '.join(differing[:6])}{' ...' if len(differing) > 6 else ''}")

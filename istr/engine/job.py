@@ -142,16 +142,17 @@ def _check_or_write_config(cfg: Config, output_dir: Path) -> None:
     if path.exists():
         old = to_dict(from_dict(yaml.safe_load(path.read_text())))  # keys added since it was written get their old meaning
         if old != data:
-            diff = sorted(_diff_keys(old, data))
+            diff = diff_keys(old, data)
             raise ConfigError(f"{output_dir} holds a run with another config (differs in {', '.join(diff[:5])}); "
                               "use a new --output-dir")
     elif distributed.rank() == 0:
         atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Sorted dotted keys whose values differ between two nested config dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in set(a) | set(b) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return sorted(k for key in set(a) | set(b) for k in diff_keys(a.get(key), b.get(key), f"{prefix}{key}."))
     return [] if a == b else [prefix.rstrip(".")]
 
 
