@@ -44,16 +44,22 @@ def baseline_path(name: str, scale: str, directory: Path = BASELINES_DIR) -> Pat
     return directory / f"{report_path_stem(name, scale)}.json"
 
 
+def runnable_rows(entry: registry.Entry) -> list[str]:
+    """The entry's rows that a run can fill (its reported-only rows left out), in table order."""
+    reported_only = {v.label for v in entry.variants if v.reported_only}
+    return [row for row in entry.rows if row not in reported_only]
+
+
 def expected_values(agg: aggregate.Aggregate, baselines_dir: Path) -> dict[tuple[str, str], tuple[float, float]]:
     """{(row, metric): (expected, tolerance)}; raises FileNotFoundError when a needed baseline is missing."""
     entry, settings = agg.entry, agg.entry.settings(agg.scale)
-    runnable_rows = set(entry.rows) - {v.label for v in entry.variants if v.reported_only}
+    runnable = set(runnable_rows(entry))
     if agg.scale == "paper":
         out = {}
         for row in entry.rows:
             for metric in entry.measured_columns:
                 value = entry.reference.loc[row, metric]
-                if row in runnable_rows and not math.isnan(value):
+                if row in runnable and not math.isnan(value):
                     out[(row, metric)] = (value, tolerance(settings, metric, value, agg.std.loc[row, metric]))
         return out
     path = baseline_path(entry.name, agg.scale, baselines_dir)
@@ -75,8 +81,7 @@ def check(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DIR, out=Non
         return 2
     failed = missing = unlisted = 0
     if agg.scale != "paper":  # a baseline that lacks a runnable row must not let that row pass unchecked
-        runnable = [r for r in agg.entry.rows if r not in {v.label for v in agg.entry.variants if v.reported_only}]
-        for row in [r for r in runnable if not any(key[0] == r for key in expected)]:
+        for row in [r for r in runnable_rows(agg.entry) if not any(key[0] == r for key in expected)]:
             unlisted += 1
             print(f"MISSING {agg.entry.name} | {row}: not in the baseline "
                   f"{baseline_path(agg.entry.name, agg.scale, baselines_dir)} (run it, then --update-baseline)", file=out)
