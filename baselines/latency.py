@@ -229,7 +229,7 @@ def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print) -> d
     out["setting"] = (f"{scale} preset: {cfg.model.backbone.name}-FPN{cfg.model.backbone.fpn_channels}, batch "
                       f"{cfg.solver.batch_size} of {cfg.data.synthetic.width}x{cfg.data.synthetic.height}, amp "
                       f"{cfg.solver.amp}, {torch.get_num_threads()} threads; ISTR {cfg.model.head.num_stages} stages, "
-                      f"{cfg.model.head.num_proposals} proposals")
+                      f"{cfg.model.head.num_proposals} proposals; RoIAlign {cfg.model.head.pooler_impl} in both")
     log(f"train step ({out['setting']}): ISTR {out['istr']['median_s']:.3f} s, Mask R-CNN "
         f"{out['maskrcnn']['median_s']:.3f} s, ratio {out['ratio']:.2f}")
     return out

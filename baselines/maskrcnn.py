@@ -8,7 +8,10 @@ stock ``maskrcnn_resnet50_fpn`` are all about sharing ISTR's pipeline:
   pixel mean/std in 0..255 units, the same as ISTR) and pads to ``size_divisibility``;
 - labels are 0..C-1 outside and 1..C inside (0 is torchvision's background);
 - anchor sizes scale with the test resolution (x min_size_test / 800): identical at paper scale, and at
-  CPU scale the anchors keep the same size relative to the image.
+  CPU scale the anchors keep the same size relative to the image;
+- ``model.head.pooler_impl`` picks the RoIAlign of both detectors: "matmul" (the smoke preset) swaps
+  torchvision's single-threaded CPU backward for ISTR's parity-tested one, keeping torchvision's level rule
+  and aligned=False, so a train-step comparison measures the two heads, not two RoIAlign kernels.
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import _setup_scales
 
 from istr.config import Config, ModelConfig
 from istr.models.backbone import Backbone
+from istr.models.pooler import rois_from_boxes
+from istr.models.roi_align_matmul import roi_align_matmul
 
 # torchvision's defaults for 800-pixel images: one size per FPN level p2..p6.
 _ANCHOR_SIZES_AT_800 = (32, 64, 128, 256, 512)
@@ -64,6 +70,28 @@ class MaskRCNNBaseline(MaskRCNN):
         return [detections] if all_stages else detections
 
 
+class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (its level mapper, aligned=False) computed with ``roi_align_matmul``.
+
+    forward(features {name: [B, C, H_l, W_l]}, boxes [per image [N_i, 4] xyxy], image_shapes) -> [sum N_i, C, S, S]
+    """
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = [x[name] for name in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        size = self.output_size[0]
+        rois = rois_from_boxes([b.detach().float() for b in boxes])
+        levels = self.map_levels(boxes)
+        out = features[0].new_zeros(rois.shape[0], features[0].shape[1], size, size, dtype=torch.float32)
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.where(levels == level)[0]
+            if idx.numel():
+                out = out.index_put((idx,), roi_align_matmul(feature, rois[idx], size, scale, self.sampling_ratio, False))
+        return out
+
+
 def _to_torchvision_target(target: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"boxes": target["boxes"], "labels": target["labels"] + 1, "masks": target["masks"].to(torch.uint8)}
 
@@ -82,12 +110,13 @@ def build_maskrcnn(cfg: ModelConfig, score_thresh: float = 0.05, anchor_scale: f
     sizes = tuple((max(1, round(s * anchor_scale)),) for s in _ANCHOR_SIZES_AT_800)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     levels = ["p2", "p3", "p4", "p5"]  # Backbone's names; its p6 ("pool") feeds the RPN only, as in torchvision
+    pooler = MatmulMultiScaleRoIAlign if cfg.head.pooler_impl == "matmul" else MultiScaleRoIAlign
     model = MaskRCNNBaseline(
         Backbone(cfg.backbone),
         num_classes=cfg.num_classes + 1,
         rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
-        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+        box_roi_pool=pooler(levels, output_size=7, sampling_ratio=2),
+        mask_roi_pool=pooler(levels, output_size=14, sampling_ratio=2),
         box_score_thresh=score_thresh,
         box_detections_per_img=cfg.detections_per_image,
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.maskrcnn import NormalizeOnlyTransform, build_maskrcnn
+from torchvision.ops import MultiScaleRoIAlign
+
+from baselines.maskrcnn import MatmulMultiScaleRoIAlign, NormalizeOnlyTransform, build_maskrcnn
 from istr.config import build_config
 
 NUM_CLASSES = 3
@@ -117,3 +119,34 @@ def test_runner_trains_evaluates_writes_the_job_files_and_resumes(tmp_path):
     assert 0.0 <= metrics["final"]["mask_AP"] <= 100.0 and metrics["train_time_s"] > 0
     (out / "checkpoints" / "last.pth").unlink()  # a finished job is not retrained
     assert train_and_evaluate(cfg, out) == metrics
+
+
+@pytest.mark.parametrize("size", [7, 14])
+def test_matmul_pooler_equals_torchvisions_multiscale_roi_align_in_value_and_gradient(size):
+    """Same level rule and aligned=False as torchvision's pooler; boxes chosen to land on all four levels."""
+    g = torch.Generator().manual_seed(1)
+    shapes = {"p2": 128, "p3": 64, "p4": 32, "p5": 16}  # a 512 x 512 image
+    features = {k: torch.randn(2, 4, n, n, generator=g) for k, n in shapes.items()}
+    sides = torch.tensor([20.0, 60, 150, 300, 33, 505])  # sqrt(area) ~ 0.95 * side: levels 2, 2, 3, 4, 2, 5
+    boxes = [torch.stack([torch.full_like(sides, 3), torch.full_like(sides, 2), sides, sides * 0.9], 1), torch.tensor([[5.0, 7, 100, 90]])]
+    outputs, grads = [], []
+    for pooler_class in (MultiScaleRoIAlign, MatmulMultiScaleRoIAlign):
+        inputs = {k: v.clone().requires_grad_(True) for k, v in features.items()}
+        pooler = pooler_class(list(shapes), output_size=size, sampling_ratio=2)
+        out = pooler(inputs, boxes, [(512, 512), (512, 512)])
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out)
+        grads.append(torch.cat([inputs[k].grad.flatten() for k in shapes]))
+    levels = MultiScaleRoIAlign(list(shapes), size, 2)
+    levels(features, boxes, [(512, 512)] * 2)
+    assert set(levels.map_levels(boxes).tolist()) == {0, 1, 2, 3}
+    assert outputs[0].shape == outputs[1].shape == (7, 4, size, size)
+    assert torch.allclose(outputs[1], outputs[0], atol=2e-5)
+    assert torch.allclose(grads[1], grads[0], atol=1e-4)
+
+
+def test_smoke_preset_pools_both_detectors_with_the_matmul_roi_align():
+    model = build_maskrcnn(build_config("smoke", ["model.num_classes=5"]).model, anchor_scale=128 / 800)
+    assert isinstance(model.roi_heads.box_roi_pool, MatmulMultiScaleRoIAlign)
+    assert isinstance(model.roi_heads.mask_roi_pool, MatmulMultiScaleRoIAlign)
+    assert type(build_maskrcnn(tiny_cfg()).roi_heads.box_roi_pool) is MultiScaleRoIAlign
