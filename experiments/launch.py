@@ -74,6 +74,21 @@ class DebugExecutor(Executor):
         return outcomes
 
 
+class Heartbeat:
+    """``beat(tasks, progress)`` reports each of ``tasks`` as "running" when ``period_s`` have passed since the
+    last report (the runner then prints the job's training progress)."""
+
+    def __init__(self, period_s: float):
+        self.period_s = period_s
+        self.last = time.monotonic()
+
+    def __call__(self, tasks: Sequence[Task], progress: Progress) -> None:
+        if tasks and time.monotonic() - self.last >= self.period_s:
+            self.last = time.monotonic()
+            for task in tasks:
+                progress(task, "running", None)
+
+
 class LocalExecutor(Executor):
     """submitit's LocalExecutor; by default as many jobs at once as the CPU cores allow."""
 
@@ -86,7 +101,7 @@ class LocalExecutor(Executor):
 
         executor = submitit.LocalExecutor(folder=str(self.folder / "%j"))
         pending, running, outcomes = list(tasks), {}, {}
-        last_beat = time.perf_counter()
+        beat = Heartbeat(self.heartbeat_s)
         while pending or running:
             while pending and len(running) < self._parallel(pending[0]):
                 task = pending.pop(0)
@@ -104,10 +119,7 @@ class LocalExecutor(Executor):
                     outcome = Outcome("failed", time.perf_counter() - start, _exception_line(err))
                 outcomes[key] = outcome
                 progress(task, "end", outcome)
-            if running and time.perf_counter() - last_beat >= self.heartbeat_s:
-                last_beat = time.perf_counter()
-                for task, _, _ in running.values():
-                    progress(task, "running", None)
+            beat([task for task, _, _ in running.values()], progress)
             if running:
                 time.sleep(self.poll_s)
         return outcomes

@@ -30,7 +30,7 @@ import yaml
 from istr.config import ConfigError, parse_value
 
 from experiments import store
-from experiments.launch import Executor, Outcome, Progress, Task, _exception_line, _outcome
+from experiments.launch import Executor, Heartbeat, Outcome, Progress, Task, _exception_line, _outcome
 
 USER_CONFIG = Path("~/.config/istr/slurm.yaml")
 FOLDER_ENV = "ISTR_SLURM_FOLDER"
@@ -273,7 +273,7 @@ class SlurmExecutor(Executor):
         import submitit
 
         outcomes: dict[str, Outcome] = {}
-        began = last_beat = time.monotonic()
+        began, beat = time.monotonic(), Heartbeat(self.heartbeat_s)
         while watching:
             # One sacct call for all jobs; polls get sparser as the wait grows (1 s at first, 30 s at most).
             time.sleep(min(30.0, max(1.0, (time.monotonic() - began) / 10)))
@@ -289,10 +289,7 @@ class SlurmExecutor(Executor):
                 del watching[key]
                 outcomes[key] = outcome
                 progress(task, "end", outcome)
-            if watching and time.monotonic() - last_beat >= self.heartbeat_s:
-                last_beat = time.monotonic()
-                for task, _, _ in watching.values():
-                    progress(task, "running", None)
+            beat([task for task, _, _ in watching.values()], progress)
         return outcomes
 
     @staticmethod
