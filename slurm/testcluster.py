@@ -17,7 +17,6 @@ import argparse
 import getpass
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -25,119 +24,17 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # start order; stop is the reverse
-REQUIRED_BINARIES = DAEMONS + ("mungekey", "munge", "unmunge", "mariadb-install-db", "mariadb", "mariadb-admin",
-                               "sacctmgr", "scontrol", "sinfo", "squeue", "scancel", "sbatch", "sacct", "srun")
+# slurm/ is a directory of scripts: run as a script or with slurm/ on sys.path (tests/conftest.py), its siblings import by name
+from cluster_host import (DAEMONS, ClusterError, Ports, find_binary, host_memory_mb, log_tail, missing_binaries,
+                          pick_free_ports, port_is_free, process_start_time, run_setup_step, write_atomic)
+
 PARTITION = "debug"
 NODE = socket.gethostname().split(".")[0]  # a resolvable node name: jobs use it as MASTER_ADDR for DDP
-PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, so outgoing connections do not take them
 POLL_S = 0.1
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot start or stop; the message names the daemon and ends with its log tail."""
-
-
-@dataclass(frozen=True)
-class Ports:
-    slurmctld: int
-    slurmd: int
-    slurmdbd: int
-    mariadb: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Ports":
-        """``"CTLD,SLURMD,DBD,MARIADB"`` -> Ports."""
-        parts = text.split(",")
-        if len(parts) != 4 or not all(p.strip().isdigit() and 0 < int(p) < 65536 for p in parts):
-            raise ClusterError(f"--ports '{text}': expected four port numbers CTLD,SLURMD,DBD,MARIADB")
-        ports = cls(*(int(p) for p in parts))
-        if len(set(asdict(ports).values())) != 4:
-            raise ClusterError(f"--ports '{text}': the four ports must differ")
-        return ports
-
-
-def find_binary(name: str) -> Optional[str]:
-    """Daemons live in /usr/sbin, which is not on every user's PATH."""
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-
-
-def missing_binaries() -> list[str]:
-    return [name for name in REQUIRED_BINARIES if find_binary(name) is None]
-
-
-def host_memory_mb() -> int:
-    """MemTotal in MB, as ``slurmd -C`` reports it."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) // 1024
-    raise ClusterError("cannot read MemTotal from /proc/meminfo")
-
-
-def port_is_free(port: int) -> bool:
-    """True if a daemon could listen on ``port`` (the SLURM daemons bind every interface)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons do: TIME_WAIT is no clash
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_free_ports() -> Ports:
-    rng = random.Random(secrets.randbits(64))
-    chosen: list[int] = []
-    while len(chosen) < 4:
-        port = rng.randrange(*PORT_RANGE)
-        if port not in chosen and port_is_free(port):
-            chosen.append(port)
-    return Ports(*chosen)
-
-
-def _process_start_time(pid: int) -> Optional[str]:
-    """Kernel start time of ``pid`` (field 22 of /proc/PID/stat), None if gone or a zombie.
-
-    Recorded with each PID so that ``stop`` never signals a recycled PID.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-    return None if fields[0] in "ZX" else fields[19]
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"    ({path} does not exist)"
-    return "\n".join("    " + line for line in text[-lines:]) or f"    ({path} is empty)"
-
-
-def _setup_step(cmd: list[str], timeout: float) -> None:
-    """Run a one-off setup command; failure -> ClusterError with its output."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # mariadb-install-db is a script: kill what it started too
-        proc.wait()
-        raise ClusterError(f"{Path(cmd[0]).name} did not finish within {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        raise ClusterError(f"{Path(cmd[0]).name} failed with code {proc.returncode}: {output.strip()[-2000:]}")
-
-
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 class TestCluster:
@@ -201,7 +98,7 @@ class TestCluster:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _alive(self, record: dict) -> bool:
-        return record["start_time"] is not None and _process_start_time(record["pid"]) == record["start_time"]
+        return record["start_time"] is not None and process_start_time(record["pid"]) == record["start_time"]
 
     def running(self) -> dict[str, int]:
         """Daemon -> PID for the recorded daemons still alive."""
@@ -251,14 +148,14 @@ class TestCluster:
         os.chmod(self.state / "munge", 0o755)  # munged refuses a socket directory without o+x
         key = self.state / "munge" / "munge.key"
         if not key.exists():
-            _setup_step([find_binary("mungekey"), "-c", "-k", str(key)], timeout=10)
+            run_setup_step([find_binary("mungekey"), "-c", "-k", str(key)], timeout=10)
         os.chmod(key, 0o600)
         password_file = self.state / "etc" / "db_password"
         if not password_file.exists():
-            _write_atomic(password_file, secrets.token_hex(12), 0o600)
-        _write_atomic(self.state / "etc" / "ports.json", json.dumps(asdict(self.ports)))
-        _write_atomic(self.state / "etc" / "slurmdbd.conf", self._slurmdbd_conf(password_file.read_text()), 0o600)
-        _write_atomic(self.conf, self._slurm_conf())
+            write_atomic(password_file, secrets.token_hex(12), 0o600)
+        write_atomic(self.state / "etc" / "ports.json", json.dumps(asdict(self.ports)))
+        write_atomic(self.state / "etc" / "slurmdbd.conf", self._slurmdbd_conf(password_file.read_text()), 0o600)
+        write_atomic(self.conf, self._slurm_conf())
 
     def _slurmdbd_conf(self, password: str) -> str:
         s = self.state
@@ -310,7 +207,7 @@ class TestCluster:
         initialised = self.state / "mysql" / "initialised"  # written last: a half-made datadir is redone
         if not initialised.exists():
             shutil.rmtree(datadir, ignore_errors=True)
-            _setup_step([find_binary("mariadb-install-db"), "--no-defaults", f"--datadir={datadir}",
+            run_setup_step([find_binary("mariadb-install-db"), "--no-defaults", f"--datadir={datadir}",
                          f"--user={self.user}", "--auth-root-authentication-method=normal", "--skip-test-db",
                          "--skip-name-resolve", "--innodb-log-file-size=16M"],
                         timeout=max(deadline - time.monotonic(), 1))
@@ -326,7 +223,7 @@ class TestCluster:
             sql = ("CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
                    f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
                    "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
-            _setup_step([find_binary("mariadb"), "--no-defaults", "-S", str(self.mariadb_socket), "-uroot", "-e", sql],
+            run_setup_step([find_binary("mariadb"), "--no-defaults", "-S", str(self.mariadb_socket), "-uroot", "-e", sql],
                         timeout=10)
             initialised.write_text("ok\n")
 
@@ -345,8 +242,8 @@ class TestCluster:
         out.close()
         self._popens[name] = proc
         records = self._records()
-        records[name] = {"pid": proc.pid, "start_time": _process_start_time(proc.pid)}
-        _write_atomic(self._records_path(), json.dumps(records, indent=1))
+        records[name] = {"pid": proc.pid, "start_time": process_start_time(proc.pid)}
+        write_atomic(self._records_path(), json.dumps(records, indent=1))
         while True:
             if proc.poll() is not None:
                 raise ClusterError(f"{name} exited with code {proc.returncode} during start; "
@@ -363,7 +260,7 @@ class TestCluster:
 
     def _log_tails(self, name: str) -> str:
         paths = [self.state / "log" / f"{name}.out", self.log_path(name)]
-        return "\n".join(f"  {p}:\n{_tail(p)}" for p in paths if p.exists()) or "  (no log written)"
+        return "\n".join(f"  {p}:\n{log_tail(p)}" for p in paths if p.exists()) or "  (no log written)"
 
     # ------------------------------------------------------------------ stop
     def stop(self, timeout_s: float = 20.0) -> None:

@@ -127,7 +127,7 @@ def test_cli_stop_kills_only_its_own_cluster_and_restart_keeps_state(slurm_clust
 
         stopped = cli("stop", "--state", str(state))
         assert stopped.returncode == 0, stopped.stderr
-        assert all(testcluster._process_start_time(pid) is None for pid in daemons.values())
+        assert all(testcluster.process_start_time(pid) is None for pid in daemons.values())
         assert job_processes(second.conf) == []
         assert cli("status", "--state", str(state)).returncode == 1
         assert slurm_cluster.running() == session_daemons
