@@ -29,7 +29,7 @@ from torchvision.ops.poolers import _setup_scales
 
 from istr.config import Config, ModelConfig
 from istr.models.backbone import Backbone
-from istr.models.pooler import rois_from_boxes
+from istr.models.pooler import pool_by_level, rois_from_boxes
 from istr.models.roi_align_matmul import roi_align_matmul
 
 # torchvision's defaults for 800-pixel images: one size per FPN level p2..p6.
@@ -81,15 +81,9 @@ class MatmulMultiScaleRoIAlign(MultiScaleRoIAlign):
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
-        size = self.output_size[0]
         rois = rois_from_boxes([b.detach().float() for b in boxes])
-        levels = self.map_levels(boxes)
-        out = features[0].new_zeros(rois.shape[0], features[0].shape[1], size, size, dtype=torch.float32)
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.where(levels == level)[0]
-            if idx.numel():
-                out = out.index_put((idx,), roi_align_matmul(feature, rois[idx], size, scale, self.sampling_ratio, False))
-        return out
+        return pool_by_level(roi_align_matmul, [f.float() for f in features], self.scales, rois, self.map_levels(boxes),
+                             self.output_size[0], self.sampling_ratio, aligned=False)
 
 
 def _to_torchvision_target(target: dict[str, Tensor]) -> dict[str, Tensor]:

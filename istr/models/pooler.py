@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,12 +55,17 @@ class MultiScalePooler(nn.Module):
         rois = rois_from_boxes([b.detach().float() for b in boxes])  # RoIAlign has no box gradient anyway
         min_level = round(math.log2(self.strides[0]))  # stride 4 -> p2
         levels = assign_levels(rois[:, 1:], min_level, min_level + len(self.strides) - 1) - min_level
-        c = features[0].shape[1]
-        out = features[0].new_zeros(rois.shape[0], c, self.output_size, self.output_size)
-        for level, (feature, stride) in enumerate(zip(features, self.strides)):
-            idx = torch.nonzero(levels == level).squeeze(1)
-            if idx.numel() == 0:
-                continue
-            pooled = self._roi_align(feature, rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio, True)
+        return pool_by_level(self._roi_align, features, [1.0 / s for s in self.strides], rois, levels,
+                             self.output_size, self.sampling_ratio, aligned=True)
+
+
+def pool_by_level(roi_align_fn: Callable[..., Tensor], features: Sequence[Tensor], scales: Sequence[float], rois: Tensor,
+                  levels: Tensor, output_size: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """Each roi [R, 5] pooled from ``features[levels[r]]`` (levels [R] int, 0-based) -> [R, C, S, S] in features' dtype."""
+    out = features[0].new_zeros(rois.shape[0], features[0].shape[1], output_size, output_size)
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        idx = torch.nonzero(levels == level).squeeze(1)
+        if idx.numel():
+            pooled = roi_align_fn(feature, rois[idx], output_size, scale, sampling_ratio, aligned)
             out = out.index_put((idx,), pooled.to(out.dtype))
-        return out
+    return out
