@@ -165,6 +165,9 @@ class SolverConfig:
     warmup_factor: float = 0.01
     clip_grad_norm: float = 1.0
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # Train with channels_last convolution weights and maps (oneDNN / cuDNN run them faster); numerics
+    # change by float rounding only.
+    channels_last: bool = False
     checkpoint_period: int = 5000
     log_period: int = 20
     # Learning curve: every eval_period iterations (0 = never) evaluate every stage on the first eval_images
@@ -199,7 +202,7 @@ class Config:
 # Keys added after configs and results were saved, with the value that reproduces the behaviour from before
 # they existed. A saved config without such a key means that value (``from_dict`` fills it in), and the
 # experiment store leaves a key out of a job's hash while it has that value, so old results stay valid.
-ADDED_KEYS: dict[str, Any] = {"solver.optimizer": "adamw", "solver.momentum": 0.9}
+ADDED_KEYS: dict[str, Any] = {"solver.optimizer": "adamw", "solver.momentum": 0.9, "solver.channels_last": False}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from istr.engine.checkpoint import FINAL, LAST, atomic_save, atomic_write_text, 
 from istr.engine.profiling import StepProfiler
 from istr.engine.sampling import IterationBatchSampler, SeededDataset
 from istr.engine.schedule import build_optimizer, build_scheduler
+from istr.models.fast import to_channels_last
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,6 +139,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     is_main, writing = rank == 0, profile_iters == 0
 
     model.to(device)
+    if solver.channels_last:
+        to_channels_last(model)
     model.train()
     optimizer = build_optimizer(model, solver)
     scheduler = build_scheduler(optimizer, solver)

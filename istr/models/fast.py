@@ -78,6 +78,19 @@ def _contiguous_outputs(module: nn.Module, args, output):
     return output.contiguous()
 
 
+def to_channels_last(model: nn.Module, nchw_outputs: str | None = "backbone") -> nn.Module:
+    """``model`` in place with channels_last 4-D weights, the outputs of sub-module ``nchw_outputs`` back in NCHW.
+
+    Convolutions given a channels_last weight compute (and return) channels_last maps; used for inference
+    and, with ``solver.channels_last``, for training (parameters keep their layout through optimizer steps
+    and ``load_state_dict``).
+    """
+    model.to(memory_format=torch.channels_last)
+    if nchw_outputs:
+        model.get_submodule(nchw_outputs).register_forward_hook(_contiguous_outputs)
+    return model
+
+
 def optimize_for_inference(model: nn.Module, channels_last: bool = True, nchw_outputs: str | None = "backbone") -> nn.Module:
     """An eval-mode copy of ``model`` with batch norms folded and (optionally) channels_last weights.
 
@@ -85,8 +98,4 @@ def optimize_for_inference(model: nn.Module, channels_last: bool = True, nchw_ou
     """
     fast = copy.deepcopy(model).eval()
     fold_all_batch_norms(fast)
-    if channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
-        if nchw_outputs:
-            fast.get_submodule(nchw_outputs).register_forward_hook(_contiguous_outputs)
-    return fast
+    return to_channels_last(fast, nchw_outputs) if channels_last else fast
