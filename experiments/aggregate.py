@@ -33,7 +33,9 @@ class Aggregate:
     min: pd.DataFrame
     max: pd.DataFrame
     count: pd.DataFrame
-    runs: list[dict[str, Any]]  # one per complete job: label, seed, hash, wall_s, host, cpu, versions
+    # one per complete job: label, seed, hash, wall_s (the last attempt), train_s (training time summed over
+    # resumed attempts), host, cpu, versions
+    runs: list[dict[str, Any]]
     missing: list[str]  # "label/seed<i>" planned but not complete
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. fig1: per-seed explained_variance_ratio curves
 
@@ -87,6 +89,7 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
                 curves.append(list(metrics["explained_variance_ratio"]))
             run = store.read_json(directory / "run.json") or {}
             runs.append({"label": variant.label, "seed": seed_index, "hash": digest, "wall_s": run.get("wall_s"),
+                         "train_s": metrics.get("train_time_s"),
                          **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end",
                                                        "adopted_from")}})
             seed_index += 1
