@@ -44,7 +44,7 @@ def bars(ours: pd.DataFrame, std: pd.DataFrame, paper: pd.DataFrame, metrics: Se
     stacked = len(rows) > 8  # long tables (Table 2): one panel per line
     width = max(4.0, 0.6 * len(rows))
     shape, size = ((len(metrics), 1), (width, 3.6 * len(metrics))) if stacked else ((1, len(metrics)), (width * len(metrics), 3.6))
-    fig, axes = plt.subplots(*shape, figsize=size, squeeze=False)
+    fig, axes = plt.subplots(*shape, figsize=size, squeeze=False, layout="constrained")  # no label over a title
     x = np.arange(len(rows))
     for ax, metric in zip(axes.flat, metrics):
         measured = ours[metric].to_numpy(dtype=float)
