@@ -33,8 +33,8 @@ class Aggregate:
     min: pd.DataFrame
     max: pd.DataFrame
     count: pd.DataFrame
-    # one per complete job: label, seed, hash, wall_s (the last attempt), train_s (training time summed over
-    # resumed attempts), host, cpu, versions
+    # one per complete job: label, seed, hash, wall_s (the last attempt), wall_s_total and attempts (over the
+    # attempts run.json recorded), train_s (training time summed over resumed attempts), host, cpu, versions
     runs: list[dict[str, Any]]
     missing: list[str]  # "label/seed<i>" planned but not complete
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. fig1: per-seed explained_variance_ratio curves
@@ -88,10 +88,13 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
             if entry.kind == "pca":
                 curves.append(list(metrics["explained_variance_ratio"]))
             run = store.read_json(directory / "run.json") or {}
+            attempts = [*run.get("attempts", []), run]
+            walls = [a["wall_s"] for a in attempts if isinstance(a.get("wall_s"), (int, float))]
             runs.append({"label": variant.label, "seed": seed_index, "hash": digest, "wall_s": run.get("wall_s"),
+                         "wall_s_total": sum(walls) if walls else None, "attempts": len(attempts),
                          "train_s": metrics.get("train_time_s"),
-                         **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end",
-                                                       "adopted_from")}})
+                         "adopted_from": next((a["adopted_from"] for a in attempts if a.get("adopted_from")), None),
+                         **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end")}})
             seed_index += 1
     frames = {stat: _frame(entry, samples, stat) for stat in ("mean", "std", "min", "max", "count")}
     return Aggregate(entry, scale, runs=runs, missing=missing, extras={"explained_variance_ratio": curves}, **frames)

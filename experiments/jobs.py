@@ -86,7 +86,8 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
         (output_dir / "metrics.json").unlink(missing_ok=True)  # partial or corrupt: the runner rewrites it
         store.write_json_atomic(output_dir / "spec.json", spec)
         cfg = from_dict(spec["config"])
-        run = {**provenance(), "hash": output_dir.name, "status": "running", "start": _now()}
+        run = {**provenance(), "hash": output_dir.name, "status": "running", "start": _now(),
+               "attempts": _earlier_attempts(output_dir)}
         store.write_json_atomic(output_dir / "run.json", run)
         start = time.perf_counter()
         try:
@@ -109,6 +110,15 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
         return {"status": "done", "wall_s": run["wall_s"]}
     finally:
         lock.release()
+
+
+def _earlier_attempts(output_dir: Path) -> list[dict[str, Any]]:
+    """The attempts recorded in an existing run.json (each the record it held, less its own history)."""
+    previous = store.read_json(output_dir / "run.json")
+    if not isinstance(previous, dict):
+        return []
+    earlier = previous.pop("attempts", [])
+    return [*earlier, {k: v for k, v in previous.items() if k != "traceback"}]
 
 
 def _call_runner(spec: dict[str, Any], cfg, output_dir: Path) -> None:

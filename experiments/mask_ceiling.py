@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from istr.config import ConfigError, build_config
 from istr.data import DatasetError, build_datasets
@@ -24,6 +23,7 @@ from istr.engine.evaluate import STAT_NAMES, coco_stats, to_coco_results
 from istr.engine.job import fit_or_load_pca
 from istr.models.criterion import crop_masks
 from istr.models.mask_coding import soften
+from istr.models.paste import paste_masks
 
 from experiments import store
 
@@ -39,8 +39,8 @@ def ceiling(codec: Any, dataset: Any, r_min: float, r_max: float, seed: int = 0)
         height, width = image.shape[-2:]
         boxes = target["boxes"].float()
         crops = crop_masks(target["masks"], boxes, codec.resolution)
-        masks = codec.decode(codec.encode(soften(crops, r_min, r_max, generator)))[:, None]
-        pasted = paste_masks_in_image(masks, boxes, (height, width), padding=1)
+        masks = codec.decode(codec.encode(soften(crops, r_min, r_max, generator)))
+        pasted = paste_masks(masks, boxes, (height, width))
         detections = {"boxes": boxes, "labels": target["labels"], "scores": torch.ones(len(boxes)), "masks": pasted}
         results += to_coco_results(detections, int(target["image_id"]), dataset.label_to_category_id, 0.5)
         image_ids.append(int(target["image_id"]))

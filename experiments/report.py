@@ -199,15 +199,18 @@ def _provenance(agg: aggregate.Aggregate, overrides: Sequence[str]) -> list[str]
     out += [f"  - {label}: {k} = {v!r}" for label, o in settings.variant_overrides.items() for k, v in o.items()]
     out += [f"  - {text}" for text in settings.deviations]
     out += [f"  - command line: {o}" for o in overrides]
-    out += ["", "Wall time is the last attempt's (a job stopped and resumed counts only its last sitting); training time "
-            "is summed over every attempt.",
-            "", "| variant | seed | hash | wall time (s) | training time (s) | host | finished |", "|---|---|---|---|---|---|---|"]
+    out += ["", "Wall time of the last attempt, and summed over the attempts run.json recorded (a stopped job resumed, "
+            "a stale one evaluated again; attempts before 2026-11-26 were not recorded); training time is summed over "
+            "every attempt.",
+            "", "| variant | seed | hash | wall time, last (s) | wall time, all (s) | attempts | training time (s) | host "
+            "| finished |", "|---|---|---|---|---|---|---|---|---|"]
 
     def seconds(value: Any) -> str:
         return f"{value:.1f}" if isinstance(value, (int, float)) else "—"
 
     for r in runs:
         finished = (r.get("end") or "—") + (f" (adopted from {r['adopted_from']})" if r.get("adopted_from") else "")
-        out.append(f"| {r['label']} | {r['seed']} | {r['hash']} | {seconds(r.get('wall_s'))} | {seconds(r.get('train_s'))} "
+        out.append(f"| {r['label']} | {r['seed']} | {r['hash']} | {seconds(r.get('wall_s'))} "
+                   f"| {seconds(r.get('wall_s_total'))} | {r.get('attempts', 1)} | {seconds(r.get('train_s'))} "
                    f"| {r.get('host') or '—'} | {finished} |")
     return out

@@ -15,7 +15,8 @@
     key=value                  config overrides applied to every job, after the registry's
 
 A job whose config is already complete in the results root is not run again: the default model, shared by
-the five parts of Table 1 and Figure 3, runs once per seed. After the runs every selected entry is
+the five parts of Table 1 and Figure 3, runs once per seed. A trained job whose metrics come from an older
+evaluation protocol (istr.config.EVAL_PROTOCOL) is "stale": it is evaluated again, not retrained. After the runs every selected entry is
 aggregated and reported (reports/<name>.md at smoke scale, reports/<name>-<scale>.md otherwise).
 Exit status: 0 all jobs complete, 1 a job failed, 2 bad input (nothing written).
 """
@@ -44,7 +45,7 @@ class PlannedJob:
     uses: list[str]  # "table1a/l=60/seed0", ... every entry row this job serves
     required: list[tuple[str, ...]]
     resources: dict[str, Any]
-    state: str  # "cached" | "partial" (directory exists, incomplete) | "new"
+    state: str  # "cached" | "stale" (trained, evaluated under an older protocol) | "partial" (incomplete) | "new"
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -77,8 +78,12 @@ def plan(names: Sequence[str], scale: str, results_root: str | Path, seeds: int 
                 directory = store.result_dir(results_root, digest)
                 planned[digest] = PlannedJob(digest, directory, spec, [use], required, settings.resources, "", cfg.seed)
     for job in planned.values():
-        if store.is_complete(job.directory, job.required):
+        metrics = store.read_metrics(job.directory)
+        missing = store.missing_keys(metrics, job.required) if metrics is not None else ["metrics.json"]
+        if not missing:
             job.state = "cached"
+        elif all(m.startswith("eval_protocol=") for m in missing):
+            job.state = "stale"
         else:
             job.state = "partial" if job.directory.exists() else "new"
     return list(planned.values())

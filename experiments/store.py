@@ -7,7 +7,9 @@
     results/<hash>/.lock          held (filelock) while a process runs the job
 
 A directory whose metrics.json is missing, unparsable or lacks a required key is incomplete and is run
-again (the runner resumes from its checkpoints); a complete one is never run again.
+again (the runner resumes from its checkpoints); a complete one is never run again. A detector's metrics
+(they hold "final") evaluated under an older ``istr.config.EVAL_PROTOCOL`` are incomplete too: the
+runner finds training finished and only evaluates again.
 """
 from __future__ import annotations
 
@@ -99,8 +101,13 @@ def lookup(metrics: Any, key: Sequence[str]) -> Any:
 
 
 def missing_keys(metrics: Any, required: Iterable[Sequence[str]]) -> list[str]:
-    """The required key paths (dotted) that ``metrics`` lacks or holds as a non-number."""
+    """The required key paths (dotted) that ``metrics`` lacks or holds as a non-number, and
+    ``eval_protocol=N`` when a detector's metrics come from an older evaluation protocol."""
+    from istr.config import EVAL_PROTOCOL
+
     missing = []
+    if isinstance(metrics, dict) and "final" in metrics and metrics.get("eval_protocol") != EVAL_PROTOCOL:
+        missing.append(f"eval_protocol={EVAL_PROTOCOL} (evaluated under {metrics.get('eval_protocol', 1)})")
     for key in required:
         try:
             value = lookup(metrics, key)

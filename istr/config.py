@@ -204,6 +204,11 @@ class Config:
 # experiment store leaves a key out of a job's hash while it has that value, so old results stay valid.
 ADDED_KEYS: dict[str, Any] = {"solver.optimizer": "adamw", "solver.momentum": 0.9, "solver.channels_last": False}
 
+# Bumped whenever evaluation changes what a trained model scores. metrics.json records it; a result evaluated
+# under another protocol is stale and is evaluated again from its final checkpoint (not retrained).
+# 1: masks pasted with torchvision's paste_masks_in_image. 2: continuous-coordinate paste (istr/models/paste.py).
+EVAL_PROTOCOL = 2
+
 
 # --------------------------------------------------------------------------------------------------
 # Conversion and overrides

@@ -1,5 +1,6 @@
 """Result directories as a runner leaves them, for the experiments tests (no training)."""
 from experiments import jobs, registry, store
+from istr.config import EVAL_PROTOCOL
 
 FINAL = ["mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl",
          "box_AP", "box_AP50", "box_AP75", "box_APs", "box_APm", "box_APl"]
@@ -10,7 +11,8 @@ def put_result(root, name, label, scale, seed, metrics, run=None):
     _, spec, digest = jobs.for_variant(registry.get(name), label, scale, (), seed)
     directory = store.result_dir(root, digest)
     store.write_json_atomic(directory / "spec.json", spec)
-    store.write_json_atomic(directory / "metrics.json", metrics)
+    stamped = {**metrics, "eval_protocol": EVAL_PROTOCOL} if "final" in metrics else metrics
+    store.write_json_atomic(directory / "metrics.json", stamped)
     if run is not None:
         store.write_json_atomic(directory / "run.json", run)
     return directory

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from experiments import check, registry, store
+from istr.config import EVAL_PROTOCOL
 from result_fixtures import FINAL, put_result
 
 
@@ -44,7 +45,7 @@ def test_smoke_check_pass_regression_missing(smoke_results, capsys):
     assert "PASS table1d | multi-head | mask_AP: ours 15.000, expected 15.000 ± 1.500" in out
     assert "12 checked: 12 pass, 0 fail, 0 missing" in out
 
-    store.write_json_atomic(dirs["multi-head/0"] / "metrics.json", {"final": values(-3.0)})  # +2 AP: beyond 1.5
+    store.write_json_atomic(dirs["multi-head/0"] / "metrics.json", {"final": values(-3.0), "eval_protocol": EVAL_PROTOCOL})  # +2 AP: beyond 1.5
     assert run_check(tmp_path) == 1
     assert "FAIL table1d | multi-head | mask_AP: ours 17.000, expected 15.000 ± 1.500 (delta +2.000)" in capsys.readouterr().out
 

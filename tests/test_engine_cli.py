@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from istr.config import EVAL_PROTOCOL
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--scale", "tiny", "num_threads=1"]
@@ -92,6 +95,21 @@ def test_kill9_then_same_command_resumes_to_the_same_result(tmp_path, cache, ful
     # a finished run is not redone
     again = cli("istr.train", "--output-dir", str(run), *args, cache=cache)
     assert "is complete" in again.stdout and json.loads((run / "metrics.json").read_text()) == resumed
+
+
+def test_result_of_an_older_eval_protocol_is_evaluated_again_not_retrained(tmp_path, cache, full_run):
+    run = tmp_path / "stale"
+    shutil.copytree(full_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_protocol"] == EVAL_PROTOCOL
+    (run / "metrics.json").write_text(json.dumps({**metrics, "eval_protocol": EVAL_PROTOCOL - 1,
+                                                  "final": {"mask_AP": -1.0}}))
+    jsonl = (run / "metrics.jsonl").read_text()
+    out = cli("istr.train", "--output-dir", str(run), *RESUMABLE, cache=cache)
+    assert "is complete" not in out.stdout and "at iteration 9" in out.stdout  # resumed at the end: no training
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["eval_protocol"] == EVAL_PROTOCOL and again["stages"] == metrics["stages"]
+    assert again["train_time_s"] == metrics["train_time_s"] and (run / "metrics.jsonl").read_text() == jsonl
 
 
 def write_custom_dataset(root: Path) -> None:

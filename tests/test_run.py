@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from experiments import jobs, launch, run, store
+from istr.config import EVAL_PROTOCOL
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = ["mask_AP", "mask_AP50", "mask_AP75", "mask_APs", "mask_APm", "mask_APl",
@@ -26,6 +27,7 @@ def fake_runners(monkeypatch):
         final = {m: base + i for i, m in enumerate(FINAL)}
         stages = {str(k): {m: v - 1 + k / cfg.model.head.num_stages for m, v in final.items()} for k in range(1, cfg.model.head.num_stages + 1)}
         store.write_json_atomic(output_dir / "metrics.json", {"final": final, "stages": stages, "fps": 2.0, "time_ms": 500.0,
+                                                              "eval_protocol": EVAL_PROTOCOL,
                                                               "explained_variance_ratio": [1 / 784] * 784})
 
     for name in jobs.RUNNERS:

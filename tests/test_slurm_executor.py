@@ -18,7 +18,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from istr.config import ConfigError
+from istr.config import EVAL_PROTOCOL, ConfigError
 
 from experiments import slurm_executor
 from experiments.launch import Task
@@ -167,7 +167,7 @@ def test_rank_above_zero_trains_without_the_books(tmp_path, monkeypatch):
         monkeypatch.setenv("RANK", "1")
         assert jobs.execute(spec, tmp_path)["status"] == "done" and calls == [tmp_path]
     assert not (tmp_path / "run.json").exists()
-    store.write_json_atomic(tmp_path / "metrics.json", {"final": {"mask_AP": 1.0}})
+    store.write_json_atomic(tmp_path / "metrics.json", {"final": {"mask_AP": 1.0}, "eval_protocol": EVAL_PROTOCOL})
     assert jobs.execute(spec, tmp_path, [("final", "mask_AP")])["status"] == "cached" and len(calls) == 1
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from istr.config import ADDED_KEYS, build_config, to_dict
+from istr.config import ADDED_KEYS, EVAL_PROTOCOL, build_config, to_dict
 from experiments import jobs, store
 
 REQUIRED = [("final", "mask_AP"), ("final", "box_AP")]
@@ -17,7 +17,8 @@ def fake_runner(monkeypatch):
     def run(cfg, output_dir):
         calls.append(str(output_dir))
         value = 10.0 + cfg.model.mask.components / 10
-        store.write_json_atomic(output_dir / "metrics.json", {"final": {"mask_AP": value, "box_AP": value + 1}})
+        store.write_json_atomic(output_dir / "metrics.json", {"final": {"mask_AP": value, "box_AP": value + 1},
+                                                              "eval_protocol": EVAL_PROTOCOL})
 
     monkeypatch.setitem(jobs.RUNNERS, "istr", run)
     return calls
@@ -59,7 +60,7 @@ def test_atomic_write_and_corrupt_reads(tmp_path):
 @pytest.mark.parametrize("content,complete", [
     (None, False), ("{not json", False), ('{"final": {"mask_AP": 30.0}}', False),
     ('{"final": {"mask_AP": 30.0, "box_AP": null}}', False), ('[1, 2]', False),
-    ('{"final": {"mask_AP": 30.0, "box_AP": -1}}', True),
+    ('{"final": {"mask_AP": 30.0, "box_AP": -1}, "eval_protocol": %d}' % EVAL_PROTOCOL, True),
 ])
 def test_completeness(tmp_path, content, complete):
     if content is not None:
@@ -84,9 +85,12 @@ def test_corrupt_or_partial_result_is_run_again(tmp_path, fake_runner, damage):
     job = spec()
     directory = tmp_path / store.spec_hash(job)
     jobs.execute(job, directory, REQUIRED)
+    first = json.loads((directory / "run.json").read_text())
     (directory / "metrics.json").write_text(damage)
     assert jobs.execute(job, directory, REQUIRED)["status"] == "done"
     assert len(fake_runner) == 2 and store.is_complete(directory, REQUIRED)
+    run = json.loads((directory / "run.json").read_text())  # the first attempt is kept in the record
+    assert first.pop("attempts") == [] and run["attempts"] == [first] and run["status"] == "done"
 
 
 def test_failing_or_incomplete_runner_is_recorded(tmp_path, monkeypatch):
@@ -99,7 +103,7 @@ def test_failing_or_incomplete_runner_is_recorded(tmp_path, monkeypatch):
     run = json.loads((tmp_path / "x" / "run.json").read_text())
     assert run["status"] == "failed" and "out of memory" in run["error"]
 
-    monkeypatch.setitem(jobs.RUNNERS, "istr", lambda cfg, out: store.write_json_atomic(out / "metrics.json", {"final": {}}))
+    monkeypatch.setitem(jobs.RUNNERS, "istr", lambda cfg, out: store.write_json_atomic(out / "metrics.json", {"final": {}, "eval_protocol": EVAL_PROTOCOL}))
     with pytest.raises(jobs.JobError, match="missing final.mask_AP, final.box_AP"):
         jobs.execute(spec(), tmp_path / "y", REQUIRED)
 
@@ -122,3 +126,15 @@ def test_options_reach_the_runner(tmp_path, monkeypatch):
     job = jobs.make_spec("latency", to_dict(build_config("tiny")), {"runs": 3})
     assert jobs.execute(job, tmp_path / "l", [("fps",), ("time_ms",)])["status"] == "done"
     assert seen == {"runs": 3}
+
+
+def test_a_detector_result_of_an_older_eval_protocol_is_incomplete(tmp_path):
+    required = [("final", "mask_AP")]
+    store.write_json_atomic(tmp_path / "metrics.json", {"final": {"mask_AP": 20.0}})  # before protocols existed
+    assert not store.is_complete(tmp_path, required)
+    assert store.missing_keys(store.read_metrics(tmp_path), required) == [
+        f"eval_protocol={EVAL_PROTOCOL} (evaluated under 1)"]
+    store.write_json_atomic(tmp_path / "metrics.json", {"final": {"mask_AP": 20.0}, "eval_protocol": EVAL_PROTOCOL})
+    assert store.is_complete(tmp_path, required)
+    store.write_json_atomic(tmp_path / "metrics.json", {"explained_variance_ratio": [1.0]})  # not a detector
+    assert store.is_complete(tmp_path, [("explained_variance_ratio",)])

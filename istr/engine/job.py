@@ -27,7 +27,7 @@ import yaml
 from filelock import FileLock
 from tqdm import tqdm
 
-from istr.config import Config, ConfigError, from_dict, to_dict
+from istr.config import EVAL_PROTOCOL, Config, ConfigError, from_dict, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
 from istr.engine.evaluate import evaluate
@@ -157,10 +157,14 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _read_metrics(output_dir: Path) -> Optional[dict[str, Any]]:
+    """metrics.json, or None when it is missing, corrupt, or a detector's evaluated under an older EVAL_PROTOCOL."""
     try:
-        return json.loads((output_dir / "metrics.json").read_text())
+        metrics = json.loads((output_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
+    if "final" in metrics and metrics.get("eval_protocol") != EVAL_PROTOCOL:
+        return None
+    return metrics
 
 
 def build_istr(cfg: Config, train_ds: Any, log: logging.Logger) -> torch.nn.Module:
@@ -227,7 +231,7 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int =
     start = time.perf_counter()
     metrics, detections = evaluate_stages(model, cfg.data.max_val_images, cfg.data.num_workers)
     metrics.update(iterations=result.iterations, train_time_s=result.train_time_s,
-                   eval_time_s=time.perf_counter() - start)
+                   eval_time_s=time.perf_counter() - start, eval_protocol=EVAL_PROTOCOL)
     if distributed.rank() == 0:
         atomic_write_json(output_dir / "detections.json", detections)
         atomic_write_json(output_dir / "metrics.json", metrics)

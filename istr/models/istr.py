@@ -6,7 +6,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import box_convert
 
 from istr.config import ModelConfig
@@ -15,6 +14,7 @@ from istr.models.criterion import SetCriterion
 from istr.models.head import ISTRHead
 from istr.models.mask_coding import MaskCodec
 from istr.models.matcher import HungarianMatcher
+from istr.models.paste import paste_masks
 from istr.models.pooler import MultiScalePooler
 
 
@@ -124,8 +124,7 @@ class ISTR(nn.Module):
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, scores, labels, proposal = boxes[keep], scores[keep], labels[keep], proposal[keep]
-            masks = self.mask_codec.decode(emb[proposal])[:, None]  # [K, 1, R, R]
-            masks = paste_masks_in_image(masks, boxes, (out_h, out_w), padding=1)
+            masks = paste_masks(self.mask_codec.decode(emb[proposal]), boxes, (out_h, out_w))  # [K, 1, H, W]
             results.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks})
         return results
 
