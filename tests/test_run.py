@@ -76,6 +76,20 @@ def test_run_report_then_everything_cached(tmp_path, fake_runners, capsys):
     assert "6 cached, 0 to run" in capsys.readouterr().out
 
 
+def test_a_result_of_an_older_eval_protocol_is_planned_stale_and_run_again(tmp_path, fake_runners, capsys):
+    args = ["table1c", "--scale", "tiny", "--executor", "debug", "--results-root", str(tmp_path), "--reports-dir",
+            str(tmp_path / "rep"), "--seeds", "1", "--only", "dice"]
+    assert run.main(args) == 0 and len(fake_runners) == 1
+    (job,) = [j for j in run.plan(["table1c"], "tiny", tmp_path, seeds=1) if j.state == "cached"]
+    metrics = json.loads((job.directory / "metrics.json").read_text())
+    store.write_json_atomic(job.directory / "metrics.json", {**metrics, "eval_protocol": EVAL_PROTOCOL - 1})
+    capsys.readouterr()
+    assert run.main([*args, "--dry-run"]) == 0
+    assert f"{job.digest}  stale" in capsys.readouterr().out
+    assert run.main(args) == 0 and len(fake_runners) == 2
+    assert json.loads((job.directory / "metrics.json").read_text())["eval_protocol"] == EVAL_PROTOCOL
+
+
 def test_only_runs_the_named_variants(tmp_path, fake_runners):
     args = ["table1a", "--scale", "tiny", "--executor", "debug", "--results-root", str(tmp_path), "--reports-dir",
             str(tmp_path / "rep"), "--only", "l=40", "mask", "model.head.num_proposals=8"]
