@@ -34,7 +34,8 @@ class Aggregate:
     max: pd.DataFrame
     count: pd.DataFrame
     # one per complete job: label, seed, hash, wall_s (the last attempt), wall_s_total and attempts (over the
-    # attempts run.json recorded), train_s (training time summed over resumed attempts), host, cpu, versions
+    # attempts run.json recorded), commits (of every attempt), train_s (training time summed over resumed
+    # attempts), host, cpu, versions
     runs: list[dict[str, Any]]
     missing: list[str]  # "label/seed<i>" planned but not complete
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. fig1: per-seed explained_variance_ratio curves
@@ -94,6 +95,7 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
                          "wall_s_total": sum(walls) if walls else None, "attempts": len(attempts),
                          "train_s": metrics.get("train_time_s"),
                          "adopted_from": next((a["adopted_from"] for a in attempts if a.get("adopted_from")), None),
+                         "commits": sorted({str(a["git_commit"]) for a in attempts if a.get("git_commit")}),
                          **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end")}})
             seed_index += 1
     frames = {stat: _frame(entry, samples, stat) for stat in ("mean", "std", "min", "max", "count")}

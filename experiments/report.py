@@ -182,7 +182,7 @@ def _provenance(agg: aggregate.Aggregate, overrides: Sequence[str]) -> list[str]
     runs = agg.runs
     hardware = sorted({f"{r.get('cpu')} ({r.get('cpu_count')} cores) on {r.get('host')}" for r in runs})
     versions = sorted({f"torch {r.get('torch')}, torchvision {r.get('torchvision')}" for r in runs})
-    commits = sorted({str(r.get("git_commit")) for r in runs})
+    commits = sorted({c for r in runs for c in r.get("commits") or [str(r.get("git_commit"))]})
     seeds = {}
     for r in runs:
         seeds[r["label"]] = seeds.get(r["label"], 0) + 1
@@ -190,7 +190,7 @@ def _provenance(agg: aggregate.Aggregate, overrides: Sequence[str]) -> list[str]
            f"- scale: {agg.scale} (istr preset '{settings.preset}'); seeds per variant: "
            + (", ".join(f"{k}: {v}" for k, v in seeds.items()) or "none"),
            f"- hardware: {'; '.join(hardware) or 'no runs'}",
-           f"- versions: {'; '.join(versions) or 'no runs'}; runs at commit(s) {', '.join(commits) or '-'}"]
+           f"- versions: {'; '.join(versions) or 'no runs'}; runs (every attempt) at commit(s) {', '.join(commits) or '-'}"]
     deviations = preset_deviations(settings.preset)
     out.append("- deviations from the paper's setup:" if deviations or settings.overrides or settings.deviations
                or settings.variant_overrides or overrides else "- deviations from the paper's setup: none")
