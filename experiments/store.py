@@ -103,10 +103,10 @@ def lookup(metrics: Any, key: Sequence[str]) -> Any:
 def missing_keys(metrics: Any, required: Iterable[Sequence[str]]) -> list[str]:
     """The required key paths (dotted) that ``metrics`` lacks or holds as a non-number, and
     ``eval_protocol=N`` when a detector's metrics come from an older evaluation protocol."""
-    from istr.config import EVAL_PROTOCOL
+    from istr.config import EVAL_PROTOCOL, stale_evaluation
 
     missing = []
-    if isinstance(metrics, dict) and "final" in metrics and metrics.get("eval_protocol") != EVAL_PROTOCOL:
+    if stale_evaluation(metrics):
         missing.append(f"eval_protocol={EVAL_PROTOCOL} (evaluated under {metrics.get('eval_protocol', 1)})")
     for key in required:
         try:

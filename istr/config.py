@@ -210,6 +210,11 @@ ADDED_KEYS: dict[str, Any] = {"solver.optimizer": "adamw", "solver.momentum": 0.
 EVAL_PROTOCOL = 2
 
 
+def stale_evaluation(metrics: Any) -> bool:
+    """A detector's metrics (they hold "final") evaluated under another EVAL_PROTOCOL."""
+    return isinstance(metrics, dict) and "final" in metrics and metrics.get("eval_protocol") != EVAL_PROTOCOL
+
+
 # --------------------------------------------------------------------------------------------------
 # Conversion and overrides
 # --------------------------------------------------------------------------------------------------

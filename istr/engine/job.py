@@ -27,7 +27,7 @@ import yaml
 from filelock import FileLock
 from tqdm import tqdm
 
-from istr.config import EVAL_PROTOCOL, Config, ConfigError, from_dict, to_dict
+from istr.config import EVAL_PROTOCOL, Config, ConfigError, from_dict, stale_evaluation, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
 from istr.engine.evaluate import evaluate
@@ -162,9 +162,7 @@ def _read_metrics(output_dir: Path) -> Optional[dict[str, Any]]:
         metrics = json.loads((output_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if "final" in metrics and metrics.get("eval_protocol") != EVAL_PROTOCOL:
-        return None
-    return metrics
+    return None if stale_evaluation(metrics) else metrics
 
 
 def build_istr(cfg: Config, train_ds: Any, log: logging.Logger) -> torch.nn.Module:
