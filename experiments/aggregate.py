@@ -38,6 +38,7 @@ class Aggregate:
     # attempts), host, cpu, versions
     runs: list[dict[str, Any]]
     missing: list[str]  # "label/seed<i>" planned but not complete
+    planned: list[str] = field(default_factory=list)  # hash of every planned job, complete or not
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. fig1: per-seed explained_variance_ratio curves
 
     def spread(self) -> pd.DataFrame:
@@ -69,17 +70,19 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
             overrides: Sequence[str] = ()) -> Aggregate:
     entry = registry.get(name)
     samples: dict[str, list[dict[str, float]]] = {row: [] for row in entry.rows}
-    runs, missing, curves = [], [], []
+    runs, missing, curves, planned = [], [], [], []
     for variant in entry.runnable():
-        planned = entry.num_seeds(variant.label, scale, seeds)
+        planned_seeds = entry.num_seeds(variant.label, scale, seeds)
         seed_index = 0
         while True:
             cfg, _, digest = jobs.for_variant(entry, variant.label, scale, overrides, seed_index)
             directory = store.result_dir(results_root, digest)
             metrics = store.read_metrics(directory)
             complete = metrics is not None and not store.missing_keys(metrics, entry.required_keys(cfg, variant.label))
+            if complete or seed_index < planned_seeds:
+                planned.append(digest)
             if not complete:
-                if seed_index >= planned:
+                if seed_index >= planned_seeds:
                     break
                 missing.append(f"{variant.label}/seed{seed_index}")
                 seed_index += 1
@@ -99,7 +102,7 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
                          **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end")}})
             seed_index += 1
     frames = {stat: _frame(entry, samples, stat) for stat in ("mean", "std", "min", "max", "count")}
-    return Aggregate(entry, scale, runs=runs, missing=missing, extras={"explained_variance_ratio": curves}, **frames)
+    return Aggregate(entry, scale, runs=runs, missing=missing, planned=planned, extras={"explained_variance_ratio": curves}, **frames)
 
 
 def measured(name: str, scale: str, results_root: str | Path, **kwargs) -> pd.DataFrame:

@@ -7,7 +7,8 @@
                   tolerance = max(abs, rel * |value|, std_factor * pooled seed std), from the scale's settings)
 
 One line per checked cell. Exit 0: every cell passes; 1: a cell is out of tolerance (a regression);
-2: a cell is missing or incomplete, the baseline is missing, or there is nothing to check (missing never
+2: a cell is missing or incomplete, the baseline is missing or stale (written from none of the jobs the current
+configuration plans: the preset or registry changed), or there is nothing to check (missing never
 passes, and takes precedence over 1). Reported-only rows and cells without an expected value are not checked.
 """
 from __future__ import annotations
@@ -26,6 +27,10 @@ from experiments import aggregate, jobs, registry, store
 from experiments.run import report_path_stem
 
 BASELINES_DIR = Path(__file__).with_name("smoke_baselines")
+
+
+class StaleBaseline(ValueError):
+    """The smoke baseline describes other jobs than the current configuration plans."""
 
 
 def metric_group(metric: str) -> str:
@@ -63,7 +68,13 @@ def expected_values(agg: aggregate.Aggregate, baselines_dir: Path) -> dict[tuple
                     out[(row, metric)] = (value, tolerance(settings, metric, value, agg.std.loc[row, metric]))
         return out
     path = baseline_path(entry.name, agg.scale, baselines_dir)
-    cells = json.loads(path.read_text())["cells"]
+    baseline = json.loads(path.read_text())
+    written_from = set(baseline.get("runs", []))
+    if written_from and agg.planned and not written_from & set(agg.planned):
+        raise StaleBaseline(f"{path} was written from runs {', '.join(sorted(written_from))}, none of which is a job of "
+                            "the current configuration (the preset, the registry or the overrides changed since): a "
+                            "comparison would measure the change, not a regression")
+    cells = baseline["cells"]
     return {(row, metric): (cells[row][metric]["value"], cells[row][metric]["tolerance"])
             for row in entry.rows for metric in entry.measured_columns if metric in cells.get(row, {})}
 
@@ -72,6 +83,9 @@ def check(agg: aggregate.Aggregate, baselines_dir: Path = BASELINES_DIR, out=Non
     out = out or sys.stdout
     try:
         expected = expected_values(agg, baselines_dir)
+    except StaleBaseline as err:
+        print(f"STALE baseline: {err}. Run the experiment, then --update-baseline.", file=out)
+        return 2
     except (OSError, ValueError, KeyError) as err:
         print(f"MISSING baseline {baseline_path(agg.entry.name, agg.scale, baselines_dir)} ({type(err).__name__}); "
               f"create it with --update-baseline after a complete run", file=out)

@@ -83,3 +83,19 @@ def test_bad_name_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown experiment 'table7'; choose one of table1a" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_baseline_written_from_other_jobs_is_stale(smoke_results, capsys):
+    """After a preset change no current job is among the baseline's runs: exit 2, not a pass or a 'regression'."""
+    tmp_path, _ = smoke_results
+    assert run_check(tmp_path, "--update-baseline") == 0
+    path = tmp_path / "baselines" / "table1d.json"
+    baseline = json.loads(path.read_text())
+    assert len(baseline["runs"]) == 4
+    assert run_check(tmp_path, "--seeds", "1") == 0  # a subset of the baseline's jobs is still comparable
+    baseline["runs"] = ["0123456789ab", "ba9876543210"]  # as if written under another preset
+    path.write_text(json.dumps(baseline))
+    capsys.readouterr()
+    assert run_check(tmp_path) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("STALE baseline: ") and "0123456789ab, ba9876543210" in out and "PASS" not in out
