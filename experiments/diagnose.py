@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+from istr.engine.evaluate import coco_stats
 
 from experiments import store
 
@@ -38,21 +39,9 @@ MISSED = "missed"
 
 
 def coco_ap(gt: COCO, detections: list[dict[str, Any]], iou_type: str, use_cats: bool) -> dict[str, float]:
-    """``{AP, AP50, AR100}`` (0..100) of ``detections`` on every image of ``gt``."""
-    key = "segmentation" if iou_type == "segm" else "bbox"
-    results = [copy.deepcopy(d) for d in detections if key in d]
-    if iou_type == "segm":  # areas from the masks, as the training evaluation does
-        for d in results:
-            d.pop("bbox", None)
-    if not results:
-        return {"AP": 0.0, "AP50": 0.0, "AR100": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
-        evaluator.params.useCats = int(use_cats)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {name: max(float(evaluator.stats[i]), 0.0) * 100 for name, i in (("AP", 0), ("AP50", 1), ("AR100", 8))}
+    """``{AP, AP50, AR100}`` (0..100, NaN where undefined) of ``detections`` on every image of ``gt``."""
+    stats = coco_stats(gt, detections, iou_type, list(gt.imgs), use_cats=use_cats)
+    return {name: math.nan if stats[i] is None else stats[i] for name, i in (("AP", 0), ("AP50", 1), ("AR100", 8))}
 
 
 def per_object(gt: COCO, detections: list[dict[str, Any]]) -> pd.DataFrame:

@@ -66,8 +66,9 @@ def _empty_results(coco_gt: Any, coco_cls: type) -> Any:
 
 
 def coco_stats(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, image_ids: Sequence[int],
-               backend: str = "pycocotools") -> list[Optional[float]]:
-    """The 12 COCOeval stats (x100, None where undefined) of ``results`` on ``image_ids``."""
+               backend: str = "pycocotools", use_cats: bool = True) -> list[Optional[float]]:
+    """The 12 COCOeval stats (x100, None where undefined) of ``results`` on ``image_ids``; ``use_cats=False``
+    lets any detection match any object (class-agnostic)."""
     if iou_type == "segm":  # segm areas must come from the masks, not the boxes (as detectron2 does)
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
     else:
@@ -88,6 +89,7 @@ def coco_stats(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, imag
             raise ValueError(f"unknown COCO evaluation backend {backend!r}; choose pycocotools or faster")
         evaluator = evaluator_cls(gt, dt, iou_type)
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.params.useCats = int(use_cats)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
