@@ -30,6 +30,8 @@ import pandas as pd
 import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 
+from istr.config import load
+from istr.data import dataset_paths
 from istr.engine.evaluate import coco_stats
 
 from experiments import store
@@ -56,7 +58,7 @@ def per_object(gt: COCO, detections: list[dict[str, Any]]) -> pd.DataFrame:
         if ann.get("iscrowd", 0):
             continue
         found = by_image.get(int(ann["image_id"]), [])
-        box_iou = np.zeros(len(found))
+        box_iou = np.zeros(0)
         mask_iou = np.full(len(found), np.nan)
         if found:
             box_iou = mask_util.iou([d["bbox"] for d in found], [ann["bbox"]], [0])[:, 0]
@@ -93,9 +95,6 @@ def confusion(objects: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
 def diagnose(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
-    from istr.config import load
-    from istr.data import dataset_paths
-
     cfg = load(run / "config.yaml")
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(dataset_paths(cfg.data)["val_annotations"])
