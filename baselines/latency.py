@@ -7,8 +7,11 @@ One job measures, in one process and interleaved (``istr.engine.latency``), at e
     maskrcnn_100      the same weights, threshold 0: always 100 detections, like ISTR
     maskrcnn_100_fast maskrcnn_100 with the same generic fast path (BN folding, channels_last)
 Weights are untrained (timing does not depend on their values except through what is kept and how large
-its boxes are): ISTR's proposals are given object-sized boxes (``_object_like_boxes``); each case's mean
-number of detections and box area are recorded next to its time.
+its boxes are), made to behave like trained ones where that changes the work: every residual block starts
+as the identity (``_bounded_activations``; otherwise FPN features reach 1e7 in R101 and untrained Mask R-CNN
+keeps no detection at all), Mask R-CNN's classifier is made confident (``_confident_classifier``) and ISTR's
+proposals are given object-sized boxes (``_object_like_boxes``); each case's mean number of detections and
+box area are recorded next to its time.
 
 ``run_latency(cfg, output_dir, options)`` writes ``output_dir/metrics.json``: ``fps``, ``time_ms``, ``iqr_ms``
 of the headline case (options.model: "istr" -> istr_fast, "maskrcnn" -> maskrcnn) at the first size, and
@@ -27,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from baselines.latency_report import load_jobs, paper_reference, render_markdown
 from baselines.maskrcnn import build_maskrcnn
 from istr.config import Config, ConfigError, build_config
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
@@ -88,6 +93,7 @@ def build_cases(cfg: Config, names: Sequence[str]) -> list[LatencyCase]:
         if name.startswith("istr"):
             if istr is None:
                 istr = build_model(cfg.model).eval()
+                _bounded_activations(istr)
                 _object_like_boxes(istr)
             model = optimize_for_inference(istr) if name == "istr_fast" else istr
             cases.append(LatencyCase(name, model, ISTR_PARTS, _describe_detections))
@@ -95,11 +101,37 @@ def build_cases(cfg: Config, names: Sequence[str]) -> list[LatencyCase]:
             model = build_maskrcnn(cfg.model, score_thresh=0.05 if name == "maskrcnn" else 0.0).eval()
             if maskrcnn is None:
                 maskrcnn = model
+                _bounded_activations(maskrcnn)
+                _confident_classifier(maskrcnn)
             model.load_state_dict(maskrcnn.state_dict())
             if name.endswith("_fast"):
                 model = optimize_for_inference(model, nchw_outputs=None)
             cases.append(LatencyCase(name, model, MASKRCNN_PARTS, _describe_detections))
     return cases
+
+
+def _bounded_activations(model: torch.nn.Module) -> None:
+    """Zero the last norm scale of every residual block (torchvision's ``zero_init_residual``), so each block
+    starts as the identity. Without it the un-normalised trunk (FrozenBN at identity statistics) grows its
+    activations with depth: FPN features reach ~2e4 in R50 and ~2e7 in R101, where Mask R-CNN's softmax then
+    puts all mass on background and keeps nothing. Dense convolutions cost the same whatever the values."""
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, Bottleneck):
+                block.bn3.weight.zero_()
+            elif isinstance(block, BasicBlock):
+                block.bn2.weight.zero_()
+
+
+CLASSIFIER_GAIN = 40.0
+
+
+def _confident_classifier(maskrcnn: torch.nn.Module) -> None:
+    """Scale Mask R-CNN's class logits by ``CLASSIFIER_GAIN`` (logit std ~0.03 -> ~1), so that, as in a trained
+    model, some (proposal, class) pairs pass the 0.05 score threshold: with it, a 320x544 synthetic image has
+    ~200 (R50) to ~1250 (R101) candidates before NMS and 100 detections after; without it, none."""
+    with torch.no_grad():
+        maskrcnn.roi_heads.box_predictor.cls_score.weight.mul_(CLASSIFIER_GAIN)
 
 
 def _object_like_boxes(istr: torch.nn.Module) -> None:
@@ -184,7 +216,9 @@ def measure(cfg: Config, options: dict[str, Any], log=print) -> dict[str, Any]:
         "protocol": {"batch": 1, "dtype": "float32", "mode": "eval + torch.inference_mode", "warmup": options["warmup"],
                      "runs": options["runs"], "order": "interleaved, ABBA rounds, same image per round",
                      "statistic": "median and inter-quartile range", "images": image_notes,
-                     "weights": "untrained; ISTR proposals given object-sized boxes (sides 5-30% of the image), box regressors zeroed"},
+                     "weights": "untrained; residual blocks start as the identity (zero_init_residual), Mask R-CNN "
+                                f"class logits x{CLASSIFIER_GAIN:g}, ISTR proposals given object-sized boxes (sides 5-30% "
+                                "of the image), box regressors zeroed"},
     }
     if options["train_steps"] > 0:
         metrics["train_step"] = measure_train_steps(options["train_scale"], options["train_steps"], log=log)
@@ -245,79 +279,11 @@ def run_latency(cfg: Config, output_dir: str | Path, options: Optional[dict[str,
     return metrics
 
 
-# --------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------
-_PAPER_LABELS = {("istr", "resnet50"): "ISTR R50", ("maskrcnn", "resnet50"): "Mask R-CNN R50",
-                 ("istr", "resnet101"): "ISTR R101", ("maskrcnn", "resnet101"): "Mask R-CNN R101"}
-
-
-def render_markdown(metrics: dict[str, Any] | Sequence[dict[str, Any]], reference: Optional[dict[str, dict[str, float]]] = None,
-                    command: str = "", notes: Sequence[str] = ()) -> str:
-    """Markdown for one or several jobs' metrics; ``reference``: paper label -> {"fps", "time_ms"} (reported)."""
-    jobs = [metrics] if isinstance(metrics, dict) else list(metrics)
-    env, protocol = jobs[0]["environment"], jobs[0]["protocol"]
-    lines = ["# Inference latency: ISTR vs Mask R-CNN", ""]
-    if command:
-        lines += [f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}.", ""]
-    lines += [
-        f"Measured on {env['device']} ({env['cpu']}, {env['logical_cpus']} logical CPUs, {env['threads']} torch threads, "
-        f"1-min load average {env.get('load_average_1m', 'n/a')} at the end; torch {env['torch']}"
-        + (f", GPU {env['gpu']}" if "gpu" in env else "") + ").",
-        f"Protocol: batch {protocol['batch']}, {protocol['dtype']}, {protocol['mode']}, {protocol['warmup']} warm-up "
-        f"calls per model, {protocol['runs']} timed runs, {protocol['order']}; {protocol['statistic']}. "
-        f"Images: {'; '.join(sorted(set(protocol['images'])))}. Weights: {protocol['weights']}.",
-        "Parts: backbone = ResNet + FPN; head = ISTR's 6 stages incl. RoIAlign / Mask R-CNN's RPN + box and mask heads "
-        "(incl. NMS); post = top-k, mask decoding, box rescaling and mask pasting; other = normalisation and padding.",
-        "",
-    ]
-    lines += [f"Note: {note}" for note in notes] + ([""] if notes else [])
-    for job in jobs:
-        backbone = job["backbone"]
-        for size, cases in job["sizes"].items():
-            lines += [f"## {backbone}-FPN at {size}", "",
-                      "| model | ms (median) | IQR ms | FPS | backbone ms | head ms | post ms | other ms | detections | mean box area |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
-            for name, s in cases.items():
-                p = s["parts_ms"]
-                lines.append(f"| {name} | {s['time_ms']:.0f} | {s['iqr_ms']:.0f} | {s['fps']:.3f} | {p['backbone']:.0f} | "
-                             f"{p['head']:.0f} | {p['post']:.0f} | {p['other']:.0f} | {s.get('detections', float('nan')):.0f} | "
-                             f"{s.get('box_area_fraction', float('nan')):.3f} |")
-            lines += ["", "| ratio (time) | of medians | paired (median of per-round ratios) |", "|---|---|---|"]
-            lines += [f"| {k} | {v['of_medians']:.3f} | {v['paired']:.3f} |" for k, v in job["ratios"][size].items()]
-            lines.append("")
-        ours = {m: _PAPER_LABELS.get((m, backbone)) for m in ("istr", "maskrcnn")}
-        if reference and all(label in reference for label in ours.values()):
-            istr_ref, mr_ref = reference[ours["istr"]], reference[ours["maskrcnn"]]
-            lines += [f"Paper (reported, not measured here; single 1080Ti, batch 1, 800x1333-class COCO images): "
-                      f"{ours['istr']} {istr_ref['time_ms']} ms ({istr_ref['fps']} FPS), {ours['maskrcnn']} "
-                      f"{mr_ref['time_ms']} ms ({mr_ref['fps']} FPS): ratio {istr_ref['time_ms'] / mr_ref['time_ms']:.3f}.", ""]
-    for job in jobs:
-        if "train_step" in job:
-            t = job["train_step"]
-            lines += ["## Training step (smoke scale)", "", f"Setting: {t['setting']}; forward + backward + clipping + AdamW, "
-                      "interleaved on the same batches.", "", "| model | s / iteration (median) | IQR s | steps |", "|---|---|---|---|"]
-            lines += [f"| {name} | {t[name]['median_s']:.3f} | {t[name]['iqr_s']:.3f} | {t[name]['steps']} |" for name in ("istr", "maskrcnn")]
-            lines += ["", f"Train-step time ratio ISTR / Mask R-CNN: **{t['ratio']:.2f}**.", ""]
-            break
-    lines += ["Case definitions:", ""] + [f"- `{k}`: {v}" for k, v in jobs[0]["cases"].items()] + [""]
-    return "\n".join(lines)
-
-
-def _paper_reference() -> Optional[dict[str, dict[str, float]]]:
-    """Table 2's reported FPS / time from the experiments registry (the one place paper numbers live)."""
-    try:
-        from experiments import registry
-    except ImportError:
-        return None
-    table = registry.get("latency").reference
-    return {label: {"fps": float(row["fps"]), "time_ms": float(row["time_ms"])} for label, row in table.iterrows()}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m baselines.latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="reports/latency.md", help="markdown report (a .json beside it)")
-    parser.add_argument("--backbones", nargs="+", default=["resnet50"], choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    parser.add_argument("--backbones", nargs="*", default=["resnet50"], choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                        help="backbones to measure (none: only render the --include files)")
     parser.add_argument("--sizes", nargs="+", default=["800x1333"], help="HxW, e.g. 800x1333 512x853")
     parser.add_argument("--warmup", type=int, default=DEFAULT_OPTIONS["warmup"])
     parser.add_argument("--runs", type=int, default=DEFAULT_OPTIONS["runs"])
@@ -325,8 +291,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--train-steps", type=int, default=0, help="also time N smoke-scale training steps of each model")
     parser.add_argument("--cases", nargs="+", default=DEFAULT_OPTIONS["cases"], choices=list(CASE_DESCRIPTIONS))
+    parser.add_argument("--include", nargs="+", default=[], metavar="JSON",
+                        help="also render the jobs of these earlier outputs (e.g. measured on a GPU machine) in the report")
+    parser.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
     args = parser.parse_args(argv)
     try:
+        included = [job for path in args.include for job in load_jobs(Path(path))]
+        if not args.backbones and not included:
+            raise ConfigError("nothing to report: give --backbones to measure or --include earlier JSON outputs")
         sizes = [[int(v) for v in s.lower().split("x")] for s in args.sizes]
         jobs = []
         for i, backbone in enumerate(args.backbones):
@@ -337,11 +309,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"baselines.latency: {err}", file=sys.stderr)
         return 2
-    command = "python -m baselines.latency " + " ".join(argv if argv is not None else sys.argv[1:])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    command = "python -m baselines.latency " + " ".join(shown) + (" --note ..." if args.note else "")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, render_markdown(jobs, _paper_reference(), command.strip()))
-    atomic_write_json(output.with_suffix(".json"), jobs)
+    atomic_write_text(output, render_markdown(jobs + included, paper_reference(), command.strip(), args.note))
+    atomic_write_json(output.with_suffix(".json"), jobs + included)
     print(output)
     return 0
 

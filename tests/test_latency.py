@@ -102,3 +102,61 @@ def test_runner_writes_metrics_and_report(tmp_path):
     assert "| istr_fast |" in (tmp_path / "latency.md").read_text()
     with pytest.raises(ConfigError, match="unknown sizez"):
         run_latency(cfg, tmp_path / "bad", {"sizez": [[64, 96]]})
+
+
+def test_untrained_deep_models_keep_detections_like_trained_ones():
+    """R101 at identity FrozenBN statistics: features reach ~1e7 and untrained Mask R-CNN keeps nothing unless
+    the residual blocks start as the identity and the classifier is confident (baselines.latency)."""
+    from baselines.latency import build_cases, load_images
+    from istr.config import build_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = {c.name: c.model for c in build_cases(build_config("paper", ["model.backbone.name=resnet101"]),
+                                                      ["istr", "maskrcnn"])}
+        image = load_images("synthetic", (128, 192), 1)[0][0]
+        with torch.inference_mode():
+            features = cases["maskrcnn"].backbone(image[None] / 255.0)
+            detections = cases["maskrcnn"]([image])[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert max(f.abs().max().item() for f in features.values()) < 1e4
+    assert len(detections["boxes"]) > 10
+
+
+def _job(device: str, gpu: str | None, istr_ms: float, maskrcnn_ms: float) -> dict:
+    case = lambda ms: {"time_ms": ms, "iqr_ms": 1.0, "fps": 1e3 / ms, "detections": 100.0, "box_area_fraction": 0.03,
+                       "parts_ms": {"backbone": ms / 2, "head": ms / 4, "post": ms / 8, "other": ms / 8}}
+    env = {"device": device, "torch": "2.x", "threads": 2, "logical_cpus": 2, "cpu": "Test CPU", "load_average_1m": 0.5}
+    return {"backbone": "resnet50", "environment": {**env, **({"gpu": gpu} if gpu else {})},
+            "protocol": {"batch": 1, "dtype": "float32", "mode": "eval", "warmup": 1, "runs": 3, "order": "ABBA",
+                         "statistic": "median", "images": ["3 images"], "weights": "untrained"},
+            "sizes": {"800x1333": {"istr_fast": case(istr_ms), "maskrcnn": case(maskrcnn_ms)}},
+            "ratios": {"800x1333": {"istr_fast/maskrcnn": {"of_medians": istr_ms / maskrcnn_ms, "paired": istr_ms / maskrcnn_ms}}},
+            "cases": {"istr_fast": "ISTR", "maskrcnn": "Mask R-CNN"}}
+
+
+def test_report_merges_machines_from_included_json(tmp_path, capsys):
+    """A GPU machine's JSON rendered next to this machine's measurements: one section per machine, with
+    its device name, each with its own ratio; a bad --include fails with one line and writes nothing."""
+    from baselines.latency import main
+
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps([_job("cuda", "NVIDIA H100 80GB HBM3", 37.0, 46.0)]))
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps(_job("cpu", None, 2900.0, 4500.0)))
+    out = tmp_path / "report" / "latency.md"
+    assert main(["--backbones", "--include", str(cpu), str(gpu), "--output", str(out), "--note", "merged"]) == 0
+    text = out.read_text()
+    assert "## NVIDIA H100 80GB HBM3" in text and "## Test CPU, 2 threads" in text
+    assert "| istr_fast/maskrcnn | 0.804 |" in text and "| istr_fast/maskrcnn | 0.644 |" in text
+    assert "Note: merged" in text and "ISTR R50 72.5 ms" in text  # the paper's figure, marked as reported
+    assert len(json.loads(out.with_suffix(".json").read_text())) == 2
+
+    (tmp_path / "bad.json").write_text("{\"fps\": 1}")
+    bad_out = tmp_path / "bad" / "latency.md"
+    assert main(["--backbones", "--include", str(tmp_path / "bad.json"), "--output", str(bad_out)]) == 2
+    assert not bad_out.parent.exists()
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert main(["--backbones", "--output", str(bad_out)]) == 2
