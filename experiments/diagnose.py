@@ -48,8 +48,8 @@ def coco_ap(gt: COCO, detections: list[dict[str, Any]], iou_type: str, use_cats:
 
 def per_object(gt: COCO, detections: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per non-crowd ground-truth object: ``category, area, box_iou`` (best over all detections),
-    ``mask_iou`` (best; NaN without masks), ``top_category`` (class of the highest-scored detection with box
-    IoU >= 0.5, or None)."""
+    ``mask_iou`` (best; NaN without masks), ``mask_iou_of_best_box`` (the mask IoU of the detection with the best
+    box IoU), ``top_category`` (class of the highest-scored detection with box IoU >= 0.5, or None)."""
     by_image: dict[int, list[dict[str, Any]]] = {}
     for d in detections:
         by_image.setdefault(int(d["image_id"]), []).append(d)
@@ -69,6 +69,7 @@ def per_object(gt: COCO, detections: list[dict[str, Any]]) -> pd.DataFrame:
         rows.append({"category": gt.cats[ann["category_id"]]["name"], "area": float(ann["area"]),
                      "box_iou": float(box_iou.max()) if found else 0.0,
                      "mask_iou": float(np.nanmax(mask_iou)) if found and not np.isnan(mask_iou).all() else np.nan,
+                     "mask_iou_of_best_box": float(mask_iou[box_iou.argmax()]) if found else np.nan,
                      "top_category": gt.cats[found[top]["category_id"]]["name"] if top is not None else None})
     return pd.DataFrame(rows)
 
@@ -83,6 +84,19 @@ def by_area(objects: pd.DataFrame) -> pd.DataFrame:
                       "named": (part.top_category == part.category).mean(),
                       "mask IoU>=0.5": (part.mask_iou >= 0.5).mean(),
                       "mask IoU>=0.75": (part.mask_iou >= 0.75).mean()}
+    return pd.DataFrame(rows).T
+
+
+BOX_IOU_BINS = (0.5, 0.7, 0.8, 0.9, 1.0 + 1e-9)
+
+
+def mask_by_box_iou(objects: pd.DataFrame) -> pd.DataFrame:
+    """Objects binned by their best box IoU: how many, and the mean mask IoU of that same detection. At a
+    given box IoU, a lower mask IoU means the mask inside the box is worse (not the box)."""
+    rows = {}
+    for low, high in zip(BOX_IOU_BINS, BOX_IOU_BINS[1:]):
+        part = objects[(objects.box_iou >= low) & (objects.box_iou < high)]
+        rows[f"box IoU {low:.1f}-{min(high, 1.0):.1f}"] = {"objects": len(part), "mean mask IoU": part.mask_iou_of_best_box.mean()}
     return pd.DataFrame(rows).T
 
 
@@ -106,7 +120,8 @@ def diagnose(run_dir: str | Path) -> dict[str, Any]:
     spec = run / "spec.json"
     runner = json.loads(spec.read_text()).get("runner", "istr") if spec.is_file() else "istr"
     title = f"{run.name}: {runner}, {cfg.model.backbone.name}, {len(gt.imgs)} val images"
-    return {"title": title, "ap": pd.DataFrame(ap).T, "areas": by_area(objects), "confusion": confusion(objects, names)}
+    return {"title": title, "ap": pd.DataFrame(ap).T, "areas": by_area(objects), "mask_by_box": mask_by_box_iou(objects),
+            "confusion": confusion(objects, names)}
 
 
 def render(results: list[dict[str, Any]]) -> str:
@@ -117,6 +132,8 @@ def render(results: list[dict[str, Any]]) -> str:
     for result in results:
         lines += [f"## {result['title']}", "", result["ap"].round(1).to_markdown(), "",
                   result["areas"].round(2).astype({"objects": int}).to_markdown(), "",
+                  "Mask IoU of the best-box detection, by its box IoU:", "",
+                  result["mask_by_box"].round(3).astype({"objects": int}).to_markdown(), "",
                   "Confusion of the top located detection (rows: true class):", "",
                   result["confusion"].to_markdown(), ""]
     return "\n".join(lines)

@@ -70,3 +70,16 @@ def test_cli_rejects_a_directory_without_detections(tmp_path, capsys):
     assert diagnose.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "missing detections.json" in capsys.readouterr().err
     assert not (tmp_path / "out.md").exists()
+
+
+def test_mask_quality_is_binned_by_the_same_detections_box_iou(gt):
+    """A perfect box with a half-filled mask: box IoU 1.0, mask IoU 0.5, in the top bin."""
+    half = _det((2, 2, 10, 10), 1, 0.9)
+    half["segmentation"] = _rle((2, 2, 10, 5))
+    detections = [half, _det((20, 20, 12, 9), 2, 0.8)]  # ring: box IoU 0.75, mask IoU 0.75
+    objects = diagnose.per_object(gt, detections)
+    assert objects.mask_iou_of_best_box.tolist()[:2] == pytest.approx([0.5, 0.75])
+    table = diagnose.mask_by_box_iou(objects)
+    assert table.loc["box IoU 0.9-1.0"].tolist() == pytest.approx([1, 0.5])
+    assert table.loc["box IoU 0.7-0.8"].tolist() == pytest.approx([1, 0.75])
+    assert table.loc["box IoU 0.8-0.9", "objects"] == 0
