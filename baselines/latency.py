@@ -136,7 +136,7 @@ def _confident_classifier(maskrcnn: torch.nn.Module) -> None:
 
 def _object_like_boxes(istr: torch.nn.Module) -> None:
     """Give untrained ISTR object-sized boxes: initial proposals drawn (seeded) with centres in the middle
-    60% and sides 5-30% of the image (mean area ~3%, about what untrained Mask R-CNN keeps), and zero box
+    60% and sides 5-30% of the image (mean area ~3%; untrained Mask R-CNN keeps smaller ones, ~0.2%), and zero box
     regressors so that they stay put. Pasting cost grows with box area; whole-image boxes would be the
     worst case and unlike any trained model's output."""
     g = torch.Generator().manual_seed(0)
