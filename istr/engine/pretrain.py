@@ -78,21 +78,22 @@ def collect_crops(dataset, generator: torch.Generator, background_per_image: int
     return torch.cat(crops), torch.cat(labels)
 
 
-def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
-    """Train ``cfg.model.backbone.name`` on the crops; return the trunk's state dict (no ``fc``).
-
-    ``labels`` of -1 (background) become class ``num_classes``.
+def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
+    """Train ``cfg.model.backbone.name`` on the crops on ``device``; return the trunk's state dict (no ``fc``),
+    on the CPU. ``labels`` of -1 (background) become class ``num_classes``. The crops stay on the CPU and the
+    random draws on a CPU generator, so the batches are the same on every device.
     """
     generator = torch.Generator().manual_seed(cfg.pretrain.seed)
     torch.manual_seed(cfg.pretrain.seed)
     net = getattr(torchvision.models, cfg.model.backbone.name)(weights=None, num_classes=num_classes + 1)
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain.lr, weight_decay=1e-4)
     total = cfg.pretrain.max_iter
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.pretrain.lr, total_steps=total, pct_start=0.1)
-    mean = torch.tensor(cfg.model.pixel_mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.model.pixel_std).view(1, 3, 1, 1)
-    targets = torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
+    mean = torch.tensor(cfg.model.pixel_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.model.pixel_std, device=device).view(1, 3, 1, 1)
+    targets = torch.where(labels < 0, torch.full_like(labels, num_classes), labels).to(device)
     net.train()
     start, correct, seen = time.time(), 0, 0
     for step in tqdm(range(total), desc="pretrain", unit="it", mininterval=2):
@@ -100,20 +101,21 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
         x = crops[index].float()
         flip = torch.rand(len(x), generator=generator) < 0.5
         x[flip] = x[flip].flip(-1)
+        x, index = x.to(device, non_blocking=True), index.to(device)
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.solver.amp == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.solver.amp == "bf16"):
             logits = net(x)
         loss = F.cross_entropy(logits.float(), targets[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        correct += (logits.argmax(1) == targets[index]).sum().item()
+        correct = correct + (logits.argmax(1) == targets[index]).sum()  # a tensor: no device sync per step
         seen += len(x)
         if (step + 1) % 50 == 0 or step + 1 == total:
-            log.info("pretrain %d/%d loss %.3f acc %.3f (%.1f s)", step + 1, total, loss.item(), correct / seen, time.time() - start)
+            log.info("pretrain %d/%d loss %.3f acc %.3f (%.1f s)", step + 1, total, loss.item(), int(correct) / seen, time.time() - start)
             correct, seen = 0, 0
-    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    return {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
 
 def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
@@ -122,6 +124,8 @@ def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
     ``train_dataset`` yields un-augmented ``(image [3,H,W] 0..255, target)`` pairs; built from ``cfg`` when None.
     Concurrent jobs (a SLURM array) wait on a file lock, so the trunk is trained by one of them only.
     """
+    from istr.engine.job import resolve_device
+
     if train_dataset is None:
         from istr.data import build_datasets
 
@@ -136,7 +140,7 @@ def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
         crops, labels = collect_crops(train_dataset, torch.Generator().manual_seed(cfg.pretrain.seed))
         num_classes = int(train_dataset.num_classes)
         log.info("pretrain: %d crops (%d background) from %d images", len(crops), int((labels < 0).sum()), len(train_dataset))
-        state = train_classifier(cfg, crops, labels, num_classes)
+        state = train_classifier(cfg, crops, labels, num_classes, resolve_device(cfg))
         tmp = weights.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, weights)
