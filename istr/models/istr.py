@@ -92,16 +92,21 @@ class ISTR(nn.Module):
             proposal = proposal + self.pos_embeddings.weight[None]
         return boxes, proposal.contiguous()
 
+    def stage_outputs(self, images: Sequence[Tensor]) -> tuple[list[dict[str, Tensor]], list[tuple[int, int]]]:
+        """The raw outputs of every stage (``pred_logits [B, P, C]``, ``pred_boxes [B, P, 4]`` xyxy in the padded
+        batch's pixels, ``pred_masks [B, P, l]`` embeddings) and the un-padded image sizes."""
+        batch, sizes = self.preprocess(images)
+        pyramid = self.backbone(batch)
+        features = [pyramid[k] for k in ("p2", "p3", "p4", "p5")]
+        boxes, proposal = self.initial_proposals(features, sizes)
+        return self.head(features, boxes, proposal, self.pooler), sizes
+
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict[str, Tensor]]] = None,
                 all_stages: bool = False, output_sizes: Optional[Sequence[tuple[int, int]]] = None):
         if self.training and targets is None:
             raise ValueError("ISTR: targets are required in training mode")
-        batch, sizes = self.preprocess(images)
-        pyramid = self.backbone(batch)
-        features = [pyramid[k] for k in ("p2", "p3", "p4", "p5")]
-        boxes, proposal = self.initial_proposals(features, sizes)
-        stage_outputs = self.head(features, boxes, proposal, self.pooler)
+        stage_outputs, sizes = self.stage_outputs(images)
         if self.training:
             return self.criterion(stage_outputs, targets, sizes)
         out_sizes = list(output_sizes) if output_sizes is not None else sizes
