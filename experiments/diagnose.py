@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {run}: missing {', '.join(missing)} (not a finished result directory)", file=sys.stderr)
             return 2
     text = render([diagnose(run) for run in args.runs])
-    if args.out:
-        store.write_text_atomic(f"{args.out}.md", text)
-        print(f"wrote {args.out}.md")
-    else:
-        print(text)
+    store.write_report_or_print(text, args.out)
     return 0
 
 

@@ -126,11 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {run}: no checkpoints/final.pth (not a finished ISTR result directory)", file=sys.stderr)
             return 2
     text = render([fit_of_run(run, args.images) for run in args.runs])
-    if args.out:
-        store.write_text_atomic(f"{args.out}.md", text)
-        print(f"wrote {args.out}.md")
-    else:
-        print(text)
+    store.write_report_or_print(text, args.out)
     return 0
 
 

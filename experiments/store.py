@@ -80,6 +80,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def write_report_or_print(text: str, out: Optional[str]) -> None:
+    """A command's markdown report: ``OUT.md`` written atomically (and its path printed) when ``out`` is given,
+    else the text on stdout."""
+    if out:
+        path = f"{out}.md"
+        write_text_atomic(path, text)
+        print(f"wrote {path}")
+    else:
+        print(text)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=list) + "\n")
 
