@@ -27,7 +27,7 @@ from istr.config import from_dict
 from istr.data import build_datasets
 from istr.engine.checkpoint import load_checkpoint
 from istr.models import build_model
-from istr.models.mask_coding import MaskCodec, soften
+from istr.models.mask_coding import MaskCodec
 
 TRUNCATIONS = (5, 10, 20, 40)
 BLOCK = 10
@@ -64,14 +64,13 @@ def coefficient_fit(pred: Tensor, gt: Tensor, masks: Tensor, codec: MaskCodec) -
 def matched_embeddings(model: torch.nn.Module, dataset, num_images: int, batch_size: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """Last-stage predicted embeddings, encoded GT embeddings (soft labels as in training) and binary GT crops
     of the pairs the model's matcher assigns, over the first ``num_images`` images of ``dataset``."""
-    criterion, codec, mask_cfg = model.criterion, model.criterion.codec, model.criterion.mask_cfg
+    criterion = model.criterion
     preds, gts, masks = [], [], []
     for start in range(0, min(num_images, len(dataset)), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, num_images, len(dataset)))]
         stage_outputs, sizes = model.stage_outputs([image for image, _ in items])
         last = stage_outputs[-1]
-        targets = [{**t, "mask_emb": codec.encode(soften(t["masks"], mask_cfg.soft_r_min, mask_cfg.soft_r_max))}
-                   for t in criterion.prepare_targets([t for _, t in items], sizes)]
+        targets = criterion.with_soft_embeddings(criterion.prepare_targets([t for _, t in items], sizes))
         for b, (src, gt) in enumerate(criterion.matcher(last, targets)):
             preds.append(last["pred_masks"][b, src].float())
             gts.append(targets[b]["mask_emb"][gt])

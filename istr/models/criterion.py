@@ -61,7 +61,7 @@ class SetCriterion(nn.Module):
             })
         return prepared
 
-    def _with_soft_embeddings(self, targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    def with_soft_embeddings(self, targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Encoded GT embeddings from freshly drawn soft labels (a new draw at every call, as the official code)."""
         m = self.mask_cfg
         return [{**t, "mask_emb": self.codec.encode(soften(t["masks"], m.soft_r_min, m.soft_r_max))} for t in targets]
@@ -73,8 +73,8 @@ class SetCriterion(nn.Module):
         stages = range(len(stage_outputs)) if self.cfg.deep_supervision else [len(stage_outputs) - 1]
         losses = {}
         for k in stages:
-            indices = self.matcher(stage_outputs[k], self._with_soft_embeddings(prepared))
-            for name, value in self.stage_losses(stage_outputs[k], self._with_soft_embeddings(prepared), indices, num_boxes).items():
+            indices = self.matcher(stage_outputs[k], self.with_soft_embeddings(prepared))
+            for name, value in self.stage_losses(stage_outputs[k], self.with_soft_embeddings(prepared), indices, num_boxes).items():
                 losses[f"{name}_s{k + 1}"] = value
         return losses
 
