@@ -1,5 +1,8 @@
 """Hashing, result directories, completeness, and jobs.execute's caching and re-running."""
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +141,15 @@ def test_a_detector_result_of_an_older_eval_protocol_is_incomplete(tmp_path):
     assert store.is_complete(tmp_path, required)
     store.write_json_atomic(tmp_path / "metrics.json", {"explained_variance_ratio": [1.0]})  # not a detector
     assert store.is_complete(tmp_path, [("explained_variance_ratio",)])
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_tracked_results_root_keeps_text_records_and_ignores_checkpoints():
+    """reports/results/<hash>/: git tracks the records a clone needs to know a job is done, never the weights."""
+    root = Path(__file__).resolve().parents[1]
+    tracked = ["spec.json", "config.yaml", "run.json", "metrics.json", "metrics.jsonl", "learning_curve.jsonl", "log.txt"]
+    ignored = ["checkpoints/last.pth", "checkpoints/final.pth", "detections.json", ".lock"]
+    paths = [f"reports/results/0123456789ab/{name}" for name in tracked + ignored] + ["reports/results/_submitit/1/a.out"]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert out.returncode in (0, 1), out.stderr
+    assert sorted(out.stdout.split()) == sorted(paths[len(tracked):])

@@ -33,9 +33,13 @@ def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optim
     groups = [{"params": rest, "lr": solver.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": solver.lr * solver.backbone_lr_factor})
+    # The fused kernels compute the same update in one pass (float rounding only); on the 2-core CPU AdamW's
+    # step over the smoke model's 32 M parameters took ~60 ms fused against ~190 ms foreach (docs/engine.md).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     if solver.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
-    return torch.optim.AdamW(groups, lr=solver.lr, betas=solver.betas, weight_decay=solver.weight_decay)
+        return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay,
+                               fused=fused)
+    return torch.optim.AdamW(groups, lr=solver.lr, betas=solver.betas, weight_decay=solver.weight_decay, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, solver: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -3,11 +3,12 @@
 RoIAlign is linear in the feature map: every output cell is a fixed weighted sum of at most
 4 * sampling_ratio^2 input pixels (bilinear corners of its samples, averaged). We build that sparse weight
 matrix M [R*S*S, B*H*W] (as per-row column/weight lists) once per call and compute out = M @ features
-(channels last, free when the maps already are) with embedding_bag; its backward is M^T @ grad.
-torchvision's CPU backward is a single-threaded scatter (cpu-training-facts.md). Measured on the 2-core
-machine: 400 RoIs on a [8, 128, 32, 44] map, forward + backward, one thread: 151 ms -> 27 ms; a full smoke-scale
-training step (6 stages, batch 8, 128x176, fp32): 1.91 s -> 1.10 s with 2 threads. tests/test_models.py pins
-the values (1e-5) and gradients (1e-4) to torchvision.ops.roi_align.
+(channels last, free when the maps already are) with embedding_bag; the backward M^T @ grad is a second
+embedding_bag over the same entries sorted by column (``_SparseRowGather``), because embedding_bag's own
+dense backward is several times slower on the CPU. torchvision's CPU backward is a single-threaded scatter
+(cpu-training-facts.md). Measured on the 2-core machine: 400 RoIs on a [8, 128, 32, 44] map, forward + backward,
+one thread: 151 ms -> 27 ms; a full smoke-scale training step (6 stages, batch 8, 128x176, fp32): 1.91 s -> 1.10 s
+with 2 threads. tests/test_models.py pins the values (1e-5) and gradients (1e-4) to torchvision.ops.roi_align.
 
 Sampling follows torchvision's CPU kernel exactly: with ``aligned`` the box is shifted by -0.5 pixel and not
 forced to size >= 1; sample points outside [-1, size] contribute zero; coordinates are clamped to [0, size-1].
@@ -79,5 +80,34 @@ def roi_align_matmul(features: Tensor, rois: Tensor, output_size: int, spatial_s
     b, c, h, w = features.shape
     column, weight = roi_align_matrix(rois, (b, h, w), output_size, spatial_scale, sampling_ratio, aligned)
     flat = features.float().permute(0, 2, 3, 1).reshape(b * h * w, c)  # channels last
-    out = nn.functional.embedding_bag(column, flat, per_sample_weights=weight, mode="sum")
+    out = _SparseRowGather.apply(flat, column, weight)
     return out.view(-1, output_size, output_size, c).permute(0, 3, 1, 2)
+
+
+class _SparseRowGather(torch.autograd.Function):
+    """out = M @ flat for M given in row-list form (column, weight [rows, K]); flat [N, C] -> out [rows, C].
+
+    Backward: grad_flat = M^T @ grad_out, the same gather over M^T, whose row-list form is M's entries sorted
+    by column (bags of varying length, hence offsets).
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, column: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(column, weight)
+        ctx.num_columns = flat.shape[0]
+        return nn.functional.embedding_bag(column, flat, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        column, weight = ctx.saved_tensors
+        entries = column.flatten()
+        order = entries.argsort()
+        counts = torch.bincount(entries, minlength=ctx.num_columns)
+        offsets = torch.zeros_like(counts)
+        offsets[1:] = counts.cumsum(0)[:-1]
+        rows = torch.div(order, column.shape[1], rounding_mode="floor")  # entry -> row of M, in column order
+        grad_flat = nn.functional.embedding_bag(rows, grad_out.contiguous(), offsets,
+                                                per_sample_weights=weight.flatten()[order], mode="sum")
+        return grad_flat, None, None
