@@ -156,7 +156,7 @@ class SolverConfig:
     momentum: float = 0.9  # sgd only
     lr: float = 2.5e-5
     weight_decay: float = 1e-4
-    backbone_lr_factor: float = 1.0
+    backbone_lr_factor: float = 1.0  # the ResNet trunk's lr = lr * this (the FPN keeps lr)
     betas: tuple[float, float] = (0.9, 0.999)
     max_iter: int = 88715  # 12 epochs of COCO train2017 at batch 16
     steps: tuple[int, ...] = (66536, 81321)  # epochs 9 and 11

@@ -53,6 +53,20 @@ def test_optimizer_choice():
     assert sgd.param_groups[0]["weight_decay"] == tiny_cfg().solver.weight_decay
 
 
+
+def test_backbone_lr_factor_applies_to_the_trunk_not_the_fpn():
+    from istr.models.backbone import Backbone
+
+    cfg = tiny_cfg(**{"solver.backbone_lr_factor": 0.125, "solver.lr": 1e-3})
+    model = torch.nn.Module()
+    model.backbone = Backbone(cfg.model.backbone)
+    model.head = torch.nn.Linear(2, 2)
+    head_group, trunk_group = build_optimizer(model, cfg.solver).param_groups
+    assert trunk_group["lr"] == pytest.approx(1.25e-4) and head_group["lr"] == pytest.approx(1e-3)
+    trunk = {id(p) for p in model.backbone.body.parameters() if p.requires_grad}
+    assert {id(p) for p in trunk_group["params"]} == trunk
+    assert {id(p) for p in model.backbone.fpn.parameters()} <= {id(p) for p in head_group["params"]}
+
 def test_sampler_is_pure_sharded_and_covers_each_epoch():
     one = IterationBatchSampler(10, 4, seed=3)
     again = IterationBatchSampler(10, 4, seed=3, start_iter=2)

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule (iteration-based), as in the official ISTR training.
 
 AdamW with default betas/eps and weight decay on every parameter (norms and biases too); the
-backbone may get ``lr * backbone_lr_factor``. The lr factor at iteration ``i`` (0-based) is a linear
+ResNet trunk (``backbone.body``, the part that starts from pretrained weights; not the FPN) may get
+``lr * backbone_lr_factor``. The lr factor at iteration ``i`` (0-based) is a linear
 warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, times ``gamma`` for each step ``<= i``.
 """
 from __future__ import annotations
@@ -24,12 +25,12 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
-    """``solver.optimizer`` (AdamW, or SGD with momentum) over the trainable parameters; the backbone's
-    (``backbone.*``) in their own lr group."""
+    """``solver.optimizer`` (AdamW, or SGD with momentum) over the trainable parameters; the trunk's
+    (``backbone.body.*``) in their own lr group."""
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(param)
+            (backbone if name.startswith("backbone.body.") else rest).append(param)
     groups = [{"params": rest, "lr": solver.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": solver.lr * solver.backbone_lr_factor})
