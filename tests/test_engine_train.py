@@ -53,7 +53,6 @@ def test_optimizer_choice():
     assert sgd.param_groups[0]["weight_decay"] == tiny_cfg().solver.weight_decay
 
 
-
 def test_backbone_lr_factor_applies_to_the_trunk_not_the_fpn():
     from istr.models.backbone import Backbone
 
@@ -66,6 +65,7 @@ def test_backbone_lr_factor_applies_to_the_trunk_not_the_fpn():
     trunk = {id(p) for p in model.backbone.body.parameters() if p.requires_grad}
     assert {id(p) for p in trunk_group["params"]} == trunk
     assert {id(p) for p in model.backbone.fpn.parameters()} <= {id(p) for p in head_group["params"]}
+
 
 def test_sampler_is_pure_sharded_and_covers_each_epoch():
     one = IterationBatchSampler(10, 4, seed=3)
