@@ -214,3 +214,56 @@ def test_matmul_pooler_equals_torchvision_pooler():
     boxes = [torch.tensor([[3.0, 5.0, 30.0, 40.0], [0.0, 0.0, 127.0, 127.0]]), torch.tensor([[10.0, 20.0, 90.0, 80.0]])]
     expected = MultiScalePooler(7, 2, impl="torchvision")(features, boxes)
     assert torch.allclose(MultiScalePooler(7, 2, impl="matmul")(features, boxes), expected, atol=1e-5)
+
+
+
+def _value_and_grads(fn, params, inputs, upstream):
+    """fn(*inputs) and the gradients of sum(fn(*inputs) * upstream) with respect to the inputs and params."""
+    inputs = [x.clone().requires_grad_() for x in inputs]
+    value = fn(*inputs)
+    grads = torch.autograd.grad((value * upstream).sum(), inputs + list(params))
+    return value.detach(), grads
+
+
+def test_dynamic_conv_split_product_equals_one_dynamic_layer():
+    """The two half-weight products give what one dynamic_layer call split in two gives (value and gradient)."""
+    from istr.models.dynamic_conv import DynamicConv
+
+    torch.manual_seed(0)
+    conv = DynamicConv(hidden_dim=16, dynamic_dim=4, pooler_resolution=3)
+
+    def one_dynamic_layer(proposal, roi):
+        params = conv.dynamic_layer(proposal)
+        w1 = params[:, : conv.num_params].view(-1, 16, 4)
+        w2 = params[:, conv.num_params :].view(-1, 4, 16)
+        x = conv.activation(conv.norm1(roi @ w1))
+        x = conv.activation(conv.norm2(x @ w2))
+        return conv.activation(conv.norm3(conv.out_layer(x.flatten(1))))
+
+    inputs, upstream = [torch.randn(5, 16), torch.randn(5, 9, 16)], torch.randn(5, 16)
+    value, grads = _value_and_grads(conv, conv.parameters(), inputs, upstream)
+    expected_value, expected_grads = _value_and_grads(one_dynamic_layer, conv.parameters(), inputs, upstream)
+    assert torch.allclose(value, expected_value, atol=1e-6)
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
+    assert grads[0].abs().max() > 1e-2  # not two zero gradients
+
+
+def test_stage_attention_on_cpu_equals_the_default_kernel():
+    """ISTRStage runs its self-attention with the math kernel on the CPU: same value and gradient as the flash
+    kernel, which torch picks on the CPU by default."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from istr.models.head import ISTRStage
+
+    cfg = build_config("tiny").model.head
+    torch.manual_seed(0)
+    stage = ISTRStage(cfg, NUM_CLASSES, mask_dim=16)
+    params = list(stage.self_attn.parameters())
+    inputs, upstream = [torch.randn(2, 50, cfg.hidden_dim)], torch.randn(2, 50, cfg.hidden_dim)
+    value, grads = _value_and_grads(stage._self_attention, params, inputs, upstream)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        expected_value, expected_grads = _value_and_grads(
+            lambda x: stage.self_attn(x, x, x, need_weights=False)[0], params, inputs, upstream)
+    assert torch.allclose(value, expected_value, atol=1e-5)
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
+    assert grads[0].abs().max() > 1e-2
