@@ -82,7 +82,7 @@ class ISTRStage(nn.Module):
     def _self_attention(self, proposal: Tensor) -> Tensor:
         if proposal.device.type != "cpu":
             return self.self_attn(proposal, proposal, proposal, need_weights=False)[0]
-        # The CPU flash kernel's backward is slow on a few hundred tokens (4% of a smoke step); the math kernel
+        # The CPU flash kernel's backward is slow on short sequences (50 tokens: 4% of a smoke step); the math kernel
         # computes the same attention.
         with sdpa_kernel(SDPBackend.MATH):
             return self.self_attn(proposal, proposal, proposal, need_weights=False)[0]
