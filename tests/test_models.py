@@ -216,7 +216,6 @@ def test_matmul_pooler_equals_torchvision_pooler():
     assert torch.allclose(MultiScalePooler(7, 2, impl="matmul")(features, boxes), expected, atol=1e-5)
 
 
-
 def _value_and_grads(fn, params, inputs, upstream):
     """fn(*inputs) and the gradients of sum(fn(*inputs) * upstream) with respect to the inputs and params."""
     inputs = [x.clone().requires_grad_() for x in inputs]

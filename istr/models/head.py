@@ -1,6 +1,7 @@
 """The ISTR head: one refinement stage and the stack of stages (recurrent box refinement)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -80,11 +81,10 @@ class ISTRStage(nn.Module):
         return logits.view(b, p, -1), pred_boxes.view(b, p, 4), masks.view(b, p, -1), flat.view(b, p, d)
 
     def _self_attention(self, proposal: Tensor) -> Tensor:
-        if proposal.device.type != "cpu":
-            return self.self_attn(proposal, proposal, proposal, need_weights=False)[0]
-        # The CPU flash kernel's backward is slow on short sequences (50 tokens: 4% of a smoke step); the math kernel
-        # computes the same attention.
-        with sdpa_kernel(SDPBackend.MATH):
+        # On the CPU the flash kernel's backward is slow for this attention (50 tokens: 4% of a smoke step); the math
+        # kernel computes the same. Only here: for MultiheadRoIAttention (1 query, 49 keys) flash is the faster one.
+        on_cpu = proposal.device.type == "cpu"
+        with sdpa_kernel(SDPBackend.MATH) if on_cpu else contextlib.nullcontext():
             return self.self_attn(proposal, proposal, proposal, need_weights=False)[0]
 
 
