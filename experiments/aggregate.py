@@ -34,7 +34,8 @@ class Aggregate:
     max: pd.DataFrame
     count: pd.DataFrame
     # one per complete job: label, seed, hash, wall_s (the last attempt), wall_s_total and attempts (over the
-    # attempts run.json recorded), commits (of every attempt), train_s (training time summed over resumed
+    # attempts run.json recorded), wall_s_unrecorded (attempts killed before they could write their wall time, so
+    # wall_s_total is a lower bound), commits (of every attempt), train_s (training time summed over resumed
     # attempts), host, cpu, versions
     runs: list[dict[str, Any]]
     missing: list[str]  # "label/seed<i>" planned but not complete
@@ -96,6 +97,7 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
             walls = [a["wall_s"] for a in attempts if isinstance(a.get("wall_s"), (int, float))]
             runs.append({"label": variant.label, "seed": seed_index, "hash": digest, "wall_s": run.get("wall_s"),
                          "wall_s_total": sum(walls) if walls else None, "attempts": len(attempts),
+                         "wall_s_unrecorded": len(attempts) - len(walls),
                          "train_s": metrics.get("train_time_s"),
                          "adopted_from": next((a["adopted_from"] for a in attempts if a.get("adopted_from")), None),
                          "commits": sorted({str(a["git_commit"]) for a in attempts if a.get("git_commit")}),

@@ -200,17 +200,20 @@ def _provenance(agg: aggregate.Aggregate, overrides: Sequence[str]) -> list[str]
     out += [f"  - {text}" for text in settings.deviations]
     out += [f"  - command line: {o}" for o in overrides]
     out += ["", "Wall time of the last attempt, and summed over the attempts run.json recorded (a stopped job resumed, "
-            "a stale one evaluated again; attempts before 2026-11-26 were not recorded); training time is summed over "
-            "every attempt.",
+            "a stale one evaluated again; attempts before 2026-11-26 were not recorded; ≥ marks a sum missing an attempt "
+            "that was killed before it could write its wall time); training time is summed over every attempt.",
             "", "| variant | seed | hash | wall time, last (s) | wall time, all (s) | attempts | training time (s) | host "
             "| finished |", "|---|---|---|---|---|---|---|---|---|"]
 
     def seconds(value: Any) -> str:
         return f"{value:.1f}" if isinstance(value, (int, float)) else "—"
 
+    def total(r: dict) -> str:
+        return ("≥ " if r.get("wall_s_unrecorded") else "") + seconds(r.get("wall_s_total"))
+
     for r in runs:
         finished = (r.get("end") or "—") + (f" (adopted from {r['adopted_from']})" if r.get("adopted_from") else "")
         out.append(f"| {r['label']} | {r['seed']} | {r['hash']} | {seconds(r.get('wall_s'))} "
-                   f"| {seconds(r.get('wall_s_total'))} | {r.get('attempts', 1)} | {seconds(r.get('train_s'))} "
+                   f"| {total(r)} | {r.get('attempts', 1)} | {seconds(r.get('train_s'))} "
                    f"| {r.get('host') or '—'} | {finished} |")
     return out

@@ -25,7 +25,8 @@ def table1c(tmp_path):
         put(tmp_path, "table1c", "L2+dice", "tiny", seed, final(value))
     put_result(tmp_path, "table1c", "L2", "tiny", 0, {**final(29.0), "train_time_s": 40.0},  # summed over attempts
                run={"wall_s": 12.5, "host": "testhost", "attempts": [{"wall_s": 30.0, "git_commit": "abc1234"},
-                                                                     {"wall_s": 7.5, "status": "failed"}]})
+                                                                     {"wall_s": 7.5, "status": "failed"},
+                                                                     {"status": "running"}]})  # killed: no wall
     put(tmp_path, "table1c", "dice", "tiny", 0, final(30.3))
     return tmp_path
 
@@ -61,7 +62,7 @@ def test_report_renders_ours_paper_delta_spread_and_figures(table1c, tmp_path):
     assert "Kendall tau (ours vs paper, 3 rows) = -0.33" in text
     assert "| L2+dice > dice | +1.6 | -0.30 | within noise |" in text and "| L2 > dice | +1.2 | -1.30 | reversed |" in text
     assert "model.head.num_stages: paper 6 -> 2" in text and "TestCPU (2 cores) on testhost" in text
-    assert "| L2 | 0 |" in text and "| 12.5 | 50.0 | 3 | 40.0 | testhost |" in text
+    assert "| L2 | 0 |" in text and "| 12.5 | ≥ 50.0 | 4 | 40.0 | testhost |" in text
     assert "| 12.5 | 12.5 | 1 | — | testhost |" in text and "commit(s) None, abc1234" in text
     for suffix in ("png", "svg"):
         assert (tmp_path / "reports" / "figures" / f"table1c-tiny.{suffix}").stat().st_size > 1000
