@@ -150,11 +150,12 @@ def provenance() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
-    """Short commit of this checkout (+dirty with uncommitted tracked changes); read once per process."""
+    """Short commit of this checkout (+dirty with uncommitted tracked changes outside reports/, which holds generated
+    output: a report writing its own figures must not mark the harness dirty); read once per process."""
     repo = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!reports"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
