@@ -23,14 +23,18 @@ FORMATS = ("png", "svg")
 
 
 def save(fig, stem: str | Path) -> list[Path]:
-    """``stem.png`` and ``stem.svg``, each through a temporary file and ``os.replace``."""
+    """``stem.png`` and ``stem.svg``, each through a temporary file and ``os.replace``.
+
+    Same figure, same bytes: the SVG gets a fixed id salt and no date, so a re-render changes committed figures
+    only when their content changes."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in FORMATS:
         path = stem.with_name(f"{stem.name}.{fmt}")
         tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+        with plt.rc_context({"svg.hashsalt": "istr-report"}):
+            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
         os.replace(tmp, path)
         paths.append(path)
     plt.close(fig)

@@ -101,3 +101,12 @@ def test_single_seed_orderings_claim_nothing(tmp_path):
     verdicts = {(p["a"], p["b"]): p["verdict"] for p in report.ordering(agg, "mask_AP")["pairs"]}
     assert verdicts == {("L2+dice", "L2"): "opposite order, noise unknown",
                         ("L2+dice", "dice"): "same order, noise unknown", ("L2", "dice"): "same order, noise unknown"}
+
+
+def test_rerendered_figures_are_byte_identical(table1c, tmp_path):
+    """Committed figures change only when their content does (no SVG date or random ids)."""
+    report.write_report("table1c", "tiny", table1c, tmp_path / "a")
+    report.write_report("table1c", "tiny", table1c, tmp_path / "b")
+    for suffix in ("png", "svg"):
+        first, second = (tmp_path / d / "figures" / f"table1c-tiny.{suffix}" for d in ("a", "b"))
+        assert first.read_bytes() == second.read_bytes()
