@@ -97,8 +97,9 @@ def execute(spec: dict[str, Any], output_dir: str | Path, required: Iterable[Seq
             if missing:
                 raise JobError(f"runner '{spec['runner']}' left {output_dir} incomplete: missing {', '.join(missing)}")
         except BaseException as err:
-            run.update(status="failed", end=_now(), wall_s=time.perf_counter() - start, error=f"{type(err).__name__}: {err}",
-                       traceback=traceback.format_exc())
+            stopped = isinstance(err, (KeyboardInterrupt, SystemExit))  # Ctrl-C or SIGTERM: resumable, not broken
+            run.update(status="stopped" if stopped else "failed", end=_now(), wall_s=time.perf_counter() - start,
+                       error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
             store.write_json_atomic(output_dir / "run.json", run)
             raise
         if not (output_dir / "config.yaml").exists():  # the engine writes its own (with the dataset's class count)

@@ -18,7 +18,8 @@ A job whose config is already complete in the results root is not run again: the
 the five parts of Table 1 and Figure 3, runs once per seed. A trained job whose metrics come from an older
 evaluation protocol (istr.config.EVAL_PROTOCOL) is "stale": it is evaluated again, not retrained. After the runs every selected entry is
 aggregated and reported (reports/<name>.md at smoke scale, reports/<name>-<scale>.md otherwise).
-Exit status: 0 all jobs complete, 1 a job failed, 2 bad input (nothing written).
+Exit status: 0 all jobs complete, 1 a job failed, 2 bad input (nothing written), 130 / 143 stopped by Ctrl-C /
+SIGTERM (the job's attempt is recorded as stopped; the same command resumes it from its last checkpoint).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -170,6 +172,12 @@ def _is_override(token: str) -> bool:
     return "=" in token and key.split(".")[0] in {f.name for f in dataclasses.fields(Config)}
 
 
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (kill, a closing terminal session) unwinds like Ctrl-C: the running job records its attempt as
+    stopped, with its wall time, and its lock is released; training resumes from the last checkpoint next time."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help="an experiment (see --list) or 'all'")
@@ -221,11 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_plan(planned, args.scale)
     if args.dry_run:
         return 0
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         outcomes = execute_plan(planned, args.executor, root, args.max_parallel, executor_options=executor_options)
     except ConfigError as err:  # e.g. SLURM refused the first array (bad partition, impossible resources)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = [k for k, o in outcomes.items() if o.status == "failed"]
     from experiments import report
 

@@ -161,3 +161,30 @@ def test_training_progress_reads_the_last_logged_iteration(tmp_path):
     lines = [{"iteration": i, "time_s": 0.9, "loss": 1.0} for i in (20, 40, 1200)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert run.training_progress(job) == "iteration 1200/3000, 0.90 s/it, ~27 min of training to go"
+
+
+def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, monkeypatch):
+    """kill (SIGTERM) mid-job: exit 143, the attempt is kept as stopped with its wall time, the next run redoes it."""
+    import signal
+
+    good = jobs.RUNNERS["istr"]
+
+    def killed(cfg, output_dir, options=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+
+    monkeypatch.setitem(jobs.RUNNERS, "istr", killed)
+    handler = signal.getsignal(signal.SIGTERM)
+    args = ["table1c", "--scale", "tiny", "--executor", "debug", "--results-root", str(tmp_path / "res"),
+            "--reports-dir", str(tmp_path / "rep"), "--seeds", "1", "--only", "dice"]
+    with pytest.raises(SystemExit) as stop:
+        run.main(args)
+    assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is handler
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "res").glob("*/run.json")]
+    assert record["status"] == "stopped" and 0 < record["wall_s"] < 5 and "SystemExit" in record["error"]
+    assert not (tmp_path / "rep").exists()
+
+    monkeypatch.setitem(jobs.RUNNERS, "istr", good)
+    assert run.main(args) == 0
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "res").glob("*/run.json")]
+    assert record["status"] == "done" and [a["status"] for a in record["attempts"]] == ["stopped"]
