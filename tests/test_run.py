@@ -1,6 +1,7 @@
 """The runner CLI: planning (shared default job), dry run, caching, bad input, executors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -165,8 +166,6 @@ def test_training_progress_reads_the_last_logged_iteration(tmp_path):
 
 def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, monkeypatch):
     """kill (SIGTERM) mid-job: exit 143, the attempt is kept as stopped with its wall time, the next run redoes it."""
-    import signal
-
     good = jobs.RUNNERS["istr"]
 
     def killed(cfg, output_dir, options=None):
