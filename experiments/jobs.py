@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from istr.config import ConfigError, dump, from_dict, to_dict
+from istr.engine.hardware import native_bf16
 
 from experiments import store
 
@@ -142,6 +143,7 @@ def provenance() -> dict[str, Any]:
         "host": socket.gethostname(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_native_bf16": native_bf16(),
         "python": platform.python_version(),
         "torch": _version("torch"),
         "torchvision": _version("torchvision"),

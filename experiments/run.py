@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from istr.config import ConfigError
+from istr.engine.hardware import slow_bf16_warning
 
 from experiments import jobs, registry, slurm_executor, store
 
@@ -100,6 +101,17 @@ def print_plan(jobs_: Sequence[PlannedJob], scale: str, out=None) -> None:
         print(f"  {job.digest}  {job.state:7s}  {job.spec['runner']:8s} seed={job.seed}  "
               f"[{res.get('nodes')}n x {res.get('gpus_per_node')}gpu, {res.get('cpus_per_task')}cpu, "
               f"{res.get('mem_gb')}G, {res.get('time_min')}min]  {', '.join(job.uses)}", file=out)
+
+
+def bf16_note(jobs_: Sequence[PlannedJob], executor_name: str) -> str:
+    """A warning line when jobs to run here (not on SLURM) ask for bf16 that this machine's CPU emulates."""
+    if executor_name == "slurm":
+        return ""
+    slow = [j.digest for j in jobs_ if j.state != "cached" and j.spec.get("config", {}).get("device") != "cuda"
+            and slow_bf16_warning(j.spec.get("config", {}).get("solver", {}).get("amp", "none"), "cpu")]
+    if not slow:
+        return ""
+    return f"warning: {len(slow)} job(s) to run (on the CPU unless CUDA is found): {slow_bf16_warning('bf16', 'cpu')}"
 
 
 def list_entries(out=None) -> None:
@@ -227,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         slurm_executor.print_status(planned, slurm_executor.job_folder(args.slurm_folder, root / "_submitit"))
         return 0
     print_plan(planned, args.scale)
+    note = bf16_note(planned, args.executor)
+    if note:
+        print(note, file=sys.stderr)
     if args.dry_run:
         return 0
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)

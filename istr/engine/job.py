@@ -31,6 +31,7 @@ from istr.config import EVAL_PROTOCOL, Config, ConfigError, from_dict, stale_eva
 from istr.engine import distributed
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
 from istr.engine.evaluate import evaluate
+from istr.engine.hardware import slow_bf16_warning
 from istr.engine.train import train
 
 
@@ -208,6 +209,9 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int =
     if done is not None and not profile_iters:
         log.info("%s is complete; nothing to do", output_dir)
         return done
+    warning = slow_bf16_warning(cfg.solver.amp, device.type)
+    if warning:
+        log.warning(warning)
     cfg, train_ds, val_ds, model = prepare(cfg, log, build)
     if profile_iters:
         train(model, train_ds, cfg, output_dir, device, log, profile_iters=profile_iters)
