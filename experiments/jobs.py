@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from istr.config import ConfigError, dump, from_dict, to_dict
-from istr.engine.hardware import native_bf16
+from istr.engine.hardware import cpu_model, native_bf16
 
 from experiments import store
 
@@ -141,7 +141,7 @@ def provenance() -> dict[str, Any]:
     """Where and with what a job ran (read without importing torch)."""
     return {
         "host": socket.gethostname(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_native_bf16": native_bf16(),
         "python": platform.python_version(),
@@ -164,16 +164,6 @@ def git_commit() -> str:
         return "unknown"
     commit = out.stdout.strip() or "unknown"
     return commit + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _version(package: str) -> str:

@@ -76,6 +76,8 @@ def test_bad_arguments_fail_clearly():
 def test_environment_records_threads_and_hardware():
     env = describe_environment("cpu")
     assert env["threads"] == torch.get_num_threads() and env["logical_cpus"] >= 1 and env["cpu"]
+    assert env["cpu_capability"] in ("DEFAULT", "VSX", "ZVECTOR", "AVX2", "AVX512", "SVE256")
+    assert env["cpu_native_bf16"] in (True, False, None)
 
 
 def test_runner_writes_metrics_and_report(tmp_path):
@@ -160,3 +162,18 @@ def test_report_merges_machines_from_included_json(tmp_path, capsys):
     assert not bad_out.parent.exists()
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert main(["--backbones", "--output", str(bad_out)]) == 2
+
+
+def test_two_cpus_of_one_model_name_are_two_sections(tmp_path):
+    """An AVX2-only and an AVX-512 "AMD EPYC" are different machines: each gets its own section and ratio;
+    a JSON written before the SIMD level was recorded keeps its plain heading."""
+    from baselines.latency_report import render_markdown
+
+    zen1, zen4, old = (_job("cpu", None, ms, 9000.0) for ms in (6300.0, 3100.0, 3000.0))
+    zen1["environment"].update(cpu="AMD EPYC", cpu_capability="AVX2", cpu_native_bf16=False)
+    zen4["environment"].update(cpu="AMD EPYC", cpu_capability="AVX512", cpu_native_bf16=True)
+    old["environment"].update(cpu="AMD EPYC")
+    text = render_markdown([zen1, zen4, old])
+    assert "## AMD EPYC (AVX2, no native bf16), 2 threads" in text
+    assert "## AMD EPYC (AVX512), 2 threads" in text and "## AMD EPYC, 2 threads" in text
+    assert text.count("| istr_fast/maskrcnn | 0.700 |") == 1 and text.count("| istr_fast/maskrcnn | 0.344 |") == 1

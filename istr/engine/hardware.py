@@ -1,4 +1,5 @@
-"""Whether this CPU runs bf16 natively, read from /proc/cpuinfo (no torch import: the planner uses it too).
+"""The CPU's model name and whether it runs bf16 natively, read from /proc/cpuinfo (no torch import: the planner
+and run.json's provenance use it too).
 
 Without AVX512-BF16 or AMX, ``torch.autocast("cpu", torch.bfloat16)`` still runs but converts in software:
 on a 2-core AMD EPYC (Zen 1, AVX2 only) one smoke training step took 31.6 s in bf16 against 2.6 s in fp32
@@ -7,10 +8,22 @@ tuned on ran it 1.4x faster in bf16 than in fp32 (reports/smoke_probes.md).
 """
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Optional
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> str:
+    """"AMD EPYC", "Intel(R) Xeon(R) Processor", ...: the first ``model name`` of /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[frozenset[str]]:

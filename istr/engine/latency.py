@@ -18,6 +18,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
+
+from istr.engine.hardware import cpu_model, native_bf16
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -136,11 +139,13 @@ def measure_latency(cases: Sequence[LatencyCase], images: Sequence[Tensor], *, w
     images = [img.to(device) for img in images]
     results = {c.name: LatencyResult(c.name, [], {label: [] for label in c.parts}, []) for c in cases}
     timers = {c.name: PartTimer(c.model, c.parts, sync) for c in cases}
+    progress = tqdm(total=len(cases) * (warmup + runs), desc="latency", unit="call", leave=False)
     for case in cases:
         case.model.eval()
         with torch.inference_mode():
             for i in range(warmup):
                 case.model([images[i % len(images)]])
+                progress.update()
     for r in range(runs):
         image = images[r % len(images)]
         for case in (cases if r % 2 == 0 else list(reversed(cases))):
@@ -156,6 +161,8 @@ def measure_latency(cases: Sequence[LatencyCase], images: Sequence[Tensor], *, w
                 result.parts_s[label].append(total)
             if case.describe_output is not None:
                 result.outputs.append(case.describe_output(output))
+            progress.update()
+    progress.close()
     return results
 
 
@@ -169,7 +176,9 @@ def describe_environment(device: torch.device | str = "cpu") -> dict:
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "logical_cpus": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the widest SIMD torch dispatches to
+        "cpu_native_bf16": native_bf16(),
         "mkldnn": torch.backends.mkldnn.is_available(),
     }
     if hasattr(os, "getloadavg"):
@@ -179,13 +188,3 @@ def describe_environment(device: torch.device | str = "cpu") -> dict:
         env["cuda"] = torch.version.cuda
     return env
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
