@@ -36,6 +36,7 @@ from baselines.latency_report import load_jobs, paper_reference, render_markdown
 from baselines.maskrcnn import build_maskrcnn
 from istr.config import Config, ConfigError, build_config
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
+from istr.engine.hardware import slow_bf16_warning
 from istr.engine.latency import LatencyCase, LatencyResult, describe_environment, measure_latency
 from istr.models import build_model
 from istr.models.fast import optimize_for_inference
@@ -49,6 +50,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "images": "synthetic",  # or a directory of images (resized to each size)
     "train_steps": 0,  # > 0: also time training steps of both models at options.train_scale
     "train_scale": "smoke",
+    "train_amp": None,  # None: the train scale's solver.amp; "none" / "bf16" override it (bf16 is emulated without AVX512-BF16/AMX)
 }
 HEADLINE = {"istr": "istr_fast", "maskrcnn": "maskrcnn"}
 CASE_DESCRIPTIONS = {
@@ -221,20 +223,25 @@ def measure(cfg: Config, options: dict[str, Any], log=print) -> dict[str, Any]:
                                 "of the image), box regressors zeroed"},
     }
     if options["train_steps"] > 0:
-        metrics["train_step"] = measure_train_steps(options["train_scale"], options["train_steps"], log=log)
+        amp = {"solver.amp": options["train_amp"]} if options["train_amp"] else {}
+        metrics["train_step"] = measure_train_steps(options["train_scale"], options["train_steps"], log=log, overrides=amp)
     return metrics
 
 
-def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print) -> dict[str, Any]:
-    """Seconds per training iteration (forward, backward, clipping, AdamW) of ISTR and Mask R-CNN at ``scale``,
-    interleaved ABBA on the same synthetic training batches, under the preset's ``solver.amp``."""
+def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print,
+                        overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Seconds per training iteration (forward, backward, clipping, AdamW) of ISTR and Mask R-CNN at ``scale``
+    (plus config ``overrides``), interleaved ABBA on the same synthetic training batches, under its ``solver.amp``."""
     from istr.data import build_datasets, collate
     from istr.engine.schedule import build_optimizer
     from istr.engine.train import autocast
 
-    cfg = build_config(scale)
+    cfg = build_config(scale, dict(overrides or {}))
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    warning = slow_bf16_warning(cfg.solver.amp, "cpu")
+    if warning:
+        log(f"warning: {warning}")
     train_ds, _ = build_datasets(cfg)
     cfg.model.num_classes = train_ds.num_classes
     torch.manual_seed(cfg.seed)
@@ -290,6 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--train-steps", type=int, default=0, help="also time N smoke-scale training steps of each model")
+    parser.add_argument("--train-amp", choices=["none", "bf16"], default=None,
+                        help="autocast of the training steps (default: the smoke preset's, bf16)")
     parser.add_argument("--cases", nargs="+", default=DEFAULT_OPTIONS["cases"], choices=list(CASE_DESCRIPTIONS))
     parser.add_argument("--include", nargs="+", default=[], metavar="JSON",
                         help="also render the jobs of these earlier outputs (e.g. measured on a GPU machine) in the report")
@@ -304,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for i, backbone in enumerate(args.backbones):
             cfg = build_config("paper", {"model.backbone.name": backbone, "device": args.device, "num_threads": args.threads})
             options = {"sizes": sizes, "warmup": args.warmup, "runs": args.runs, "cases": args.cases,
-                       "train_steps": args.train_steps if i == 0 else 0}
+                       "train_steps": args.train_steps if i == 0 else 0, "train_amp": args.train_amp}
             jobs.append(measure(cfg, options, log=lambda m: print(m, file=sys.stderr)))
     except (ConfigError, ValueError) as err:
         print(f"baselines.latency: {err}", file=sys.stderr)

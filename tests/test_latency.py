@@ -177,3 +177,27 @@ def test_two_cpus_of_one_model_name_are_two_sections(tmp_path):
     assert "## AMD EPYC (AVX2, no native bf16), 2 threads" in text
     assert "## AMD EPYC (AVX512), 2 threads" in text and "## AMD EPYC, 2 threads" in text
     assert text.count("| istr_fast/maskrcnn | 0.700 |") == 1 and text.count("| istr_fast/maskrcnn | 0.344 |") == 1
+
+
+def test_train_steps_time_both_models_under_the_asked_autocast(tmp_path, monkeypatch):
+    """Train-step timing at tiny scale: both models timed for the asked steps, the setting names the autocast, and a
+    bf16 request on a CPU that emulates bf16 is warned about first."""
+    from baselines.latency import measure_train_steps
+    from istr.engine import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda cpuinfo=None: False)
+    lines = []
+    out = measure_train_steps("tiny", steps=2, log=lines.append,
+                              overrides={"data.cache_dir": str(tmp_path), "solver.amp": "none"})
+    assert out["istr"]["steps"] == out["maskrcnn"]["steps"] == 2
+    assert out["ratio"] == pytest.approx(out["istr"]["median_s"] / out["maskrcnn"]["median_s"])
+    assert "amp none" in out["setting"] and not any(line.startswith("warning") for line in lines)
+    lines.clear()
+
+    def stop(cfg):  # emulated bf16 steps are slow: stop once the warning is out
+        raise RuntimeError("stopped before the data")
+
+    monkeypatch.setattr("istr.data.build_datasets", stop)
+    with pytest.raises(RuntimeError, match="stopped before the data"):
+        measure_train_steps("tiny", steps=1, log=lines.append, overrides={"solver.amp": "bf16"})
+    assert len(lines) == 1 and lines[0].startswith("warning: solver.amp=bf16 on a CPU without native bf16")
