@@ -78,14 +78,14 @@ def render_markdown(metrics: dict[str, Any] | Sequence[dict[str, Any]], referenc
         if len(machines) > 1:
             lines += [f"## {machine}", ""]
         lines += _render_machine(group, reference, "###" if len(machines) > 1 else "##")
-    for job in jobs:
-        if "train_step" in job:
-            t = job["train_step"]
-            lines += ["## Training step (smoke scale)", "", f"Setting: {t['setting']}; forward + backward + clipping + AdamW, "
-                      "interleaved on the same batches.", "", "| model | s / iteration (median) | IQR s | steps |", "|---|---|---|---|"]
-            lines += [f"| {name} | {t[name]['median_s']:.3f} | {t[name]['iqr_s']:.3f} | {t[name]['steps']} |" for name in ("istr", "maskrcnn")]
-            lines += ["", f"Train-step time ratio ISTR / Mask R-CNN: **{t['ratio']:.2f}**.", ""]
-            break
+    trained = [job for job in jobs if "train_step" in job]
+    for job in trained:  # one section per machine that timed training steps
+        t = job["train_step"]
+        title = "Training step (smoke scale)" + (f": {_machine(job)}" if len(trained) > 1 else "")
+        lines += [f"## {title}", "", f"Setting: {t['setting']}; forward + backward + clipping + AdamW, "
+                  "interleaved on the same batches.", "", "| model | s / iteration (median) | IQR s | steps |", "|---|---|---|---|"]
+        lines += [f"| {name} | {t[name]['median_s']:.3f} | {t[name]['iqr_s']:.3f} | {t[name]['steps']} |" for name in ("istr", "maskrcnn")]
+        lines += ["", f"Train-step time ratio ISTR / Mask R-CNN: **{t['ratio']:.2f}**.", ""]
     lines += ["Case definitions:", ""] + [f"- `{k}`: {v}" for k, v in jobs[0]["cases"].items()] + [""]
     return "\n".join(lines)
 

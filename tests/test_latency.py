@@ -177,6 +177,15 @@ def test_two_cpus_of_one_model_name_are_two_sections(tmp_path):
     assert "## AMD EPYC (AVX2, no native bf16), 2 threads" in text
     assert "## AMD EPYC (AVX512), 2 threads" in text and "## AMD EPYC, 2 threads" in text
     assert text.count("| istr_fast/maskrcnn | 0.700 |") == 1 and text.count("| istr_fast/maskrcnn | 0.344 |") == 1
+    assert "Training step" not in text
+    steps = lambda istr_s, maskrcnn_s, amp: {"istr": {"median_s": istr_s, "iqr_s": 0.1, "steps": 6},
+                                             "maskrcnn": {"median_s": maskrcnn_s, "iqr_s": 0.1, "steps": 6},
+                                             "ratio": istr_s / maskrcnn_s, "setting": f"smoke preset, amp {amp}"}
+    zen1["train_step"], old["train_step"] = steps(2.7, 6.0, "none"), steps(0.93, 1.76, "bf16")
+    text = render_markdown([zen1, zen4, old])
+    assert "## Training step (smoke scale): AMD EPYC (AVX2, no native bf16), 2 threads" in text
+    assert "## Training step (smoke scale): AMD EPYC, 2 threads" in text
+    assert "ISTR / Mask R-CNN: **0.45**" in text and "ISTR / Mask R-CNN: **0.53**" in text
 
 
 def test_train_steps_time_both_models_under_the_asked_autocast(tmp_path, monkeypatch):
