@@ -101,7 +101,7 @@ def collect(name: str, scale: str, results_root: str | Path, seeds: Optional[int
                          "train_s": metrics.get("train_time_s"),
                          "adopted_from": next((a["adopted_from"] for a in attempts if a.get("adopted_from")), None),
                          "commits": sorted({str(a["git_commit"]) for a in attempts if a.get("git_commit")}),
-                         **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "torch", "torchvision", "git_commit", "end")}})
+                         **{k: run.get(k) for k in ("host", "cpu", "cpu_count", "cpu_native_bf16", "torch", "torchvision", "git_commit", "end")}})
             seed_index += 1
     frames = {stat: _frame(entry, samples, stat) for stat in ("mean", "std", "min", "max", "count")}
     return Aggregate(entry, scale, runs=runs, missing=missing, planned=planned, extras={"explained_variance_ratio": curves}, **frames)

@@ -180,7 +180,8 @@ def _provenance(agg: aggregate.Aggregate, overrides: Sequence[str]) -> list[str]
     settings = agg.entry.settings(agg.scale)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     runs = agg.runs
-    hardware = sorted({f"{r.get('cpu')} ({r.get('cpu_count')} cores) on {r.get('host')}" for r in runs})
+    hardware = sorted({f"{r.get('cpu')} ({r.get('cpu_count')} cores{', no native bf16' if r.get('cpu_native_bf16') is False else ''})"
+                       f" on {r.get('host')}" for r in runs})
     versions = sorted({f"torch {r.get('torch')}, torchvision {r.get('torchvision')}" for r in runs})
     commits = sorted({c for r in runs for c in r.get("commits") or [str(r.get("git_commit"))]})
     seeds = {}

@@ -110,3 +110,11 @@ def test_rerendered_figures_are_byte_identical(table1c, tmp_path):
     for suffix in ("png", "svg"):
         first, second = (tmp_path / d / "figures" / f"table1c-tiny.{suffix}" for d in ("a", "b"))
         assert first.read_bytes() == second.read_bytes()
+
+
+def test_provenance_marks_runs_on_a_cpu_that_emulates_bf16(tmp_path):
+    put(tmp_path, "table1d", "dynamic", "tiny", 0, final(30.0))
+    put_result(tmp_path, "table1d", "multi-head", "tiny", 0, final(20.0),
+               run={"wall_s": 9.0, "host": "zen1", "cpu": "AMD EPYC", "cpu_count": 2, "cpu_native_bf16": False})
+    text = report.write_report("table1d", "tiny", tmp_path, tmp_path / "reports").read_text()
+    assert "AMD EPYC (2 cores, no native bf16) on zen1" in text and "TestCPU (2 cores) on testhost" in text
