@@ -105,13 +105,12 @@ def print_plan(jobs_: Sequence[PlannedJob], scale: str, out=None) -> None:
 
 def bf16_note(jobs_: Sequence[PlannedJob], executor_name: str) -> str:
     """A warning line when jobs to run here (not on SLURM) ask for bf16 that this machine's CPU emulates."""
-    if executor_name == "slurm":
+    warning = slow_bf16_warning("bf16", "cpu")
+    if executor_name == "slurm" or not warning:
         return ""
-    slow = [j.digest for j in jobs_ if j.state != "cached" and j.spec.get("config", {}).get("device") != "cuda"
-            and slow_bf16_warning(j.spec.get("config", {}).get("solver", {}).get("amp", "none"), "cpu")]
-    if not slow:
-        return ""
-    return f"warning: {len(slow)} job(s) to run (on the CPU unless CUDA is found): {slow_bf16_warning('bf16', 'cpu')}"
+    configs = [j.spec.get("config", {}) for j in jobs_ if j.state != "cached"]
+    slow = sum(c.get("device") != "cuda" and c.get("solver", {}).get("amp") == "bf16" for c in configs)
+    return f"warning: {slow} job(s) to run (on the CPU unless CUDA is found): {warning}" if slow else ""
 
 
 def list_entries(out=None) -> None:
