@@ -76,7 +76,8 @@ def resolve_options(options: Optional[dict[str, Any]]) -> dict[str, Any]:
         raise ConfigError(f"latency options: cases {out['cases']} must be among {', '.join(CASE_DESCRIPTIONS)} "
                           f"and include {HEADLINE[out['model']]}")
     if not out["sizes"] or any(len(s) != 2 or min(s) < 32 for s in out["sizes"]):
-        raise ConfigError(f"latency options: sizes must be [[height, width], ...] of at least 32, got {out['sizes']}")
+        raise ConfigError("latency options: each size must be a height and a width of at least 32 pixels "
+                          f"(HEIGHTxWIDTH on the command line), got {out['sizes']}")
     return out
 
 
@@ -286,12 +287,21 @@ def run_latency(cfg: Config, output_dir: str | Path, options: Optional[dict[str,
     return metrics
 
 
+def _size(text: str) -> list[int]:
+    """``"800x1333"`` -> ``[800, 1333]`` (an argparse type: a bad value is one usage error)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not HEIGHTxWIDTH, e.g. 800x1333")
+    return [int(p) for p in parts]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m baselines.latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="reports/latency.md", help="markdown report (a .json beside it)")
     parser.add_argument("--backbones", nargs="*", default=["resnet50"], choices=["resnet18", "resnet34", "resnet50", "resnet101"],
                         help="backbones to measure (none: only render the --include files)")
-    parser.add_argument("--sizes", nargs="+", default=["800x1333"], help="HxW, e.g. 800x1333 512x853")
+    parser.add_argument("--sizes", nargs="+", type=_size, default=[[800, 1333]], metavar="HxW",
+                        help="test sizes (short side x max size), e.g. 800x1333 512x853")
     parser.add_argument("--warmup", type=int, default=DEFAULT_OPTIONS["warmup"])
     parser.add_argument("--runs", type=int, default=DEFAULT_OPTIONS["runs"])
     parser.add_argument("--threads", type=int, default=2)
@@ -308,15 +318,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         included = [job for path in args.include for job in load_jobs(Path(path))]
         if not args.backbones and not included:
             raise ConfigError("nothing to report: give --backbones to measure or --include earlier JSON outputs")
-        sizes = [[int(v) for v in s.lower().split("x")] for s in args.sizes]
         jobs = []
         for i, backbone in enumerate(args.backbones):
             cfg = build_config("paper", {"model.backbone.name": backbone, "device": args.device, "num_threads": args.threads})
-            options = {"sizes": sizes, "warmup": args.warmup, "runs": args.runs, "cases": args.cases,
+            options = {"sizes": args.sizes, "warmup": args.warmup, "runs": args.runs, "cases": args.cases,
                        "train_steps": args.train_steps if i == 0 else 0, "train_amp": args.train_amp}
             jobs.append(measure(cfg, options, log=lambda m: print(m, file=sys.stderr)))
     except (ConfigError, ValueError) as err:
-        print(f"baselines.latency: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     argv = list(argv if argv is not None else sys.argv[1:])
     shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]

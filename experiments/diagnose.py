@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write OUT.md (e.g. reports/diagnose_smoke)")
     args = parser.parse_args(argv)
     for run in args.runs:
-        missing = [name for name in ("config.yaml", "detections.json") if not (Path(run) / name).is_file()]
-        if missing:
-            print(f"error: {run}: missing {', '.join(missing)} (not a finished result directory)", file=sys.stderr)
+        problem = store.missing_run_files(run, ("config.yaml", "detections.json"))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             return 2
     text = render([diagnose(run) for run in args.runs])
     store.write_report_or_print(text, args.out)

@@ -24,6 +24,8 @@ METRICS = ("mask_AP", "box_AP")
 def load(run_dir: str | Path) -> pd.DataFrame:
     """Long frame: one row per (point, stage) with iteration, train_time_s, stage and the AP metrics."""
     path = Path(run_dir) / "learning_curve.jsonl"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such result directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no learning curve (train with solver.eval_period=N to record one)")
     rows = []

@@ -121,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write OUT.md (e.g. reports/mask_fit_smoke)")
     args = parser.parse_args(argv)
     for run in args.runs:
-        if not (Path(run) / "checkpoints" / "final.pth").is_file():
-            print(f"error: {run}: no checkpoints/final.pth (not a finished ISTR result directory)", file=sys.stderr)
+        problem = store.missing_run_files(run, ("checkpoints/final.pth",))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             return 2
     text = render([fit_of_run(run, args.images) for run in args.runs])
     store.write_report_or_print(text, args.out)

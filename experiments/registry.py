@@ -173,7 +173,7 @@ def names() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=None)
 def get(name: str) -> Entry:
     if name not in NAMES:
-        raise ConfigError(f"unknown experiment '{name}'; choose one of {', '.join(NAMES)}, all")
+        raise ConfigError(f"unknown experiment '{name}'; choose one of {', '.join(NAMES)}")
     return _load(TABLES_DIR / f"{name}.yaml")
 
 

@@ -113,6 +113,18 @@ def bf16_note(jobs_: Sequence[PlannedJob], executor_name: str) -> str:
     return f"warning: {slow} job(s) to run (on the CPU unless CUDA is found): {warning}" if slow else ""
 
 
+def random_init_note(jobs_: Sequence[PlannedJob], scale: str) -> str:
+    """A warning line when paper-scale jobs to run would start their ResNet from random weights: the paper starts
+    from ImageNet, which only a local weights file can give here (nothing is downloaded)."""
+    if scale != "paper":
+        return ""
+    configs = [j.spec.get("config", {}) for j in jobs_ if j.state != "cached"]
+    unset = sum(not c.get("model", {}).get("backbone", {}).get("weights") and not c.get("pretrain", {}).get("enabled")
+                for c in configs)
+    return (f"warning: {unset} paper-scale job(s) to run start the ResNet from random weights, the paper from ImageNet: "
+            "add model.backbone.weights=/path/to/resnet50.pth (a torchvision state dict of that ResNet)") if unset else ""
+
+
 def list_entries(out=None) -> None:
     out = out or sys.stdout
     for name in registry.names():
@@ -219,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.name:
             raise ConfigError(f"name an experiment; choose one of {', '.join(registry.names())}, all")
-        names = list(registry.names()) if args.name == "all" else [registry.get(args.name).name]
+        if args.name != "all" and args.name not in registry.names():
+            raise ConfigError(f"unknown experiment '{args.name}'; choose one of {', '.join(registry.names())}, all")
+        names = list(registry.names()) if args.name == "all" else [args.name]
         if args.scale not in registry.SCALES:
             raise ConfigError(f"unknown scale '{args.scale}'; choose one of {', '.join(registry.SCALES)}")
         from experiments.launch import EXECUTORS  # light: submitit is imported only when a local run starts
@@ -238,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         slurm_executor.print_status(planned, slurm_executor.job_folder(args.slurm_folder, root / "_submitit"))
         return 0
     print_plan(planned, args.scale)
-    note = bf16_note(planned, args.executor)
-    if note:
-        print(note, file=sys.stderr)
+    for note in (bf16_note(planned, args.executor), random_init_note(planned, args.scale)):
+        if note:
+            print(note, file=sys.stderr)
     if args.dry_run:
         return 0
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -140,6 +140,23 @@ def is_complete(directory: str | Path, required: Iterable[Sequence[str]]) -> boo
     return metrics is not None and not missing_keys(metrics, required)
 
 
+def missing_run_files(run_dir: str | Path, names: Sequence[str]) -> Optional[str]:
+    """Why ``run_dir`` cannot serve a tool that reads ``names`` (one line), or None when it can.
+
+    A finished job under a tracked root (reports/results) keeps only its text records in git; its checkpoints
+    and detections stay on the machine that ran it, so the message says so instead of calling it unfinished."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return f"{run_dir}: no such result directory"
+    missing = [name for name in names if not (run_dir / name).is_file()]
+    if not missing:
+        return None
+    if read_metrics(run_dir) is not None:
+        return (f"{run_dir}: no {', '.join(missing)}: the job is finished, but these files stay on the machine that "
+                "ran it (git tracks only its text records); train it again under another --results-root to get them")
+    return f"{run_dir}: no {', '.join(missing)} (not a finished result directory)"
+
+
 def lock(directory: str | Path):
     """An exclusive, inter-process lock on a result directory (``with store.lock(d).acquire(timeout=0):``)."""
     from filelock import FileLock

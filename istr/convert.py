@@ -6,7 +6,7 @@ OFFICIAL.pth is a pickled dict holding "model" (tensors or numpy arrays). Keys a
 in ``RULES`` (regular expressions, never a hand-made key list); tensor layouts already agree (DynamicConv's
 parameter split and out_layer's cell-major input are the official ones). The model's shape (depth,
 stages, proposals, classes, mask components) is read off the checkpoint. Any official key no rule maps,
-or any of our keys nothing fills, or a shape mismatch, fails with the full lists and writes nothing.
+or any of our keys nothing fills, or a shape mismatch, fails with the full lists (one line, exit 2) and writes nothing.
 OUT.pth holds ``{"model": state_dict, "config": to_dict(cfg), "source": OFFICIAL.pth}``.
 """
 from __future__ import annotations
@@ -148,10 +148,22 @@ def load_official(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConversionError(f"{path}: file not found") from None
     except Exception as err:  # torch raises many types for foreign or truncated files
-        raise ConversionError(f"{path}: cannot read as a weights-only checkpoint ({str(err).splitlines()[0]})") from None
+        raise ConversionError(f"{path}: cannot read as a checkpoint of tensors ({_load_failure(err)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise ConversionError(f"{path}: expected a dict holding 'model' (a state dict), got {type(checkpoint).__name__}")
     return checkpoint["model"]
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's reason in a few words, without its advice to unpickle with weights_only=False (that runs
+    whatever code the file holds)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n")[0].split(". ")[0].strip()
+        if detail.startswith("Unsupported global"):
+            return f"it pickles more than tensors, numbers and containers: {detail}"
+        return f"not a torch checkpoint: {detail or 'unreadable pickle'}"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def convert(official_path: str | Path, out_path: str | Path, components: Optional[int] = None) -> Config:
@@ -160,9 +172,12 @@ def convert(official_path: str | Path, out_path: str | Path, components: Optiona
     from istr.models import build_model
 
     official = load_official(official_path)
-    cfg = infer_config(official, components)
-    model = build_model(cfg.model)
-    state = convert_state_dict(official, model.state_dict())
+    try:
+        cfg = infer_config(official, components)
+        model = build_model(cfg.model)
+        state = convert_state_dict(official, model.state_dict())
+    except ConversionError as err:
+        raise ConversionError(f"{official_path}: {err}") from None
     model.load_state_dict(state)  # strict: proves the result loads
     atomic_save({"model": model.state_dict(), "config": to_dict(cfg), "source": str(official_path)}, out_path)
     return cfg
@@ -177,8 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = convert(args.official, args.output, args.components)
     except ConversionError as err:
-        print(f"istr.convert: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     m = cfg.model
     print(f"wrote {args.output}: {m.backbone.name}, {m.head.num_stages} stages, {m.head.num_proposals} proposals, "
           f"{m.num_classes} classes, l={m.mask.components}")

@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="DIR", help="image directory (with an annotation-file --data)")
     p.add_argument("--output-dir", metavar="DIR", help="write metrics.json and detections.json here")
     p.add_argument("--backend", choices=("pycocotools", "faster"), default="pycocotools",
-                   help="COCOeval implementation (faster: pip install 'istr-harness[fast]'; same numbers to 1e-4)")
+                   help="COCOeval implementation (faster: pip install -e '.[fast]' in the clone; same numbers to 1e-4)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (the paper tests with 1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the checkpoint's config")
     return p

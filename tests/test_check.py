@@ -43,7 +43,7 @@ def test_smoke_check_pass_regression_missing(smoke_results, capsys):
     assert run_check(tmp_path) == 0
     out = capsys.readouterr().out
     assert "PASS table1d | multi-head | mask_AP: ours 15.000, expected 15.000 ± 1.500" in out
-    assert "12 checked: 12 pass, 0 fail, 0 missing" in out
+    assert "12 cells: 12 pass, 0 fail, 0 missing" in out
 
     store.write_json_atomic(dirs["multi-head/0"] / "metrics.json", {"final": values(-3.0), "eval_protocol": EVAL_PROTOCOL})  # +2 AP: beyond 1.5
     assert run_check(tmp_path) == 1
@@ -62,7 +62,7 @@ def test_a_row_missing_from_the_smoke_baseline_is_never_a_pass(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "PASS table1d | dynamic | mask_AP" in out
     assert "MISSING table1d | multi-head: not in the baseline" in out
-    assert "6 checked: 6 pass, 0 fail, 0 missing; 1 row(s) not in the baseline" in out
+    assert "6 cells: 6 pass, 0 fail, 0 missing; 1 row(s) not in the baseline" in out
 
 
 def test_paper_scale_compares_with_the_paper(tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_paper_scale_compares_with_the_paper(tmp_path, capsys):
 def test_bad_name_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert check.main(["table7", "--results-root", str(tmp_path), "--baselines-dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown experiment 'table7'; choose one of table1a" in err
+    assert err.count("\n") == 1 and "unknown experiment 'table7'; choose one of table1a" in err and not err.rstrip().endswith(", all")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -99,3 +99,22 @@ def test_a_baseline_written_from_other_jobs_is_stale(smoke_results, capsys):
     assert run_check(tmp_path) == 2
     out = capsys.readouterr().out
     assert out.startswith("STALE baseline: ") and "0123456789ab, ba9876543210" in out and "PASS" not in out
+    assert run_check(tmp_path, "--changed-config") == 0  # the user accepts that the jobs differ: compared cell by cell
+    out = capsys.readouterr().out
+    assert "12 cells: 12 pass" in out and "NOTE --changed-config" in out
+
+
+def test_nothing_complete_points_at_the_results_root(tmp_path, capsys):
+    put(tmp_path / "res", "table1d", "dynamic", "smoke", 0, values(0.0))
+    assert run_check(tmp_path, "--seeds", "1", "--update-baseline") == 0
+    assert check.main(["table1d", "--seeds", "1", "--results-root", str(tmp_path / "empty"),
+                       "--baselines-dir", str(tmp_path / "baselines")]) == 2
+    out = capsys.readouterr().out
+    assert "6 cells: 0 pass, 0 fail, 6 missing" in out
+    assert f"NOTE none of table1d's jobs is complete under {tmp_path / 'empty'}" in out
+
+
+def test_paper_scale_check_names_the_entry_deviations(tmp_path, capsys):
+    assert check.main(["table2", "--scale", "paper", "--results-root", str(tmp_path)]) == 2  # nothing measured
+    out = capsys.readouterr().out
+    assert "NOTE split: ours is evaluated on COCO val2017" in out and "test-dev" in out

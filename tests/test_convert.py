@@ -93,7 +93,7 @@ def test_unmapped_and_missing_keys_are_listed_and_nothing_is_written(source_mode
     official["head.extra_branch.weight"] = torch.zeros(1)
     path, out = tmp_path / "official.pth", tmp_path / "ours.pth"
     torch.save({"model": official}, path)
-    assert main([str(path), str(out)]) == 1
+    assert main([str(path), str(out)]) == 2
     err = capsys.readouterr().err
     assert "1 unmapped official keys: head.extra_branch.weight" in err
     assert "1 of our keys missing: head.stages.1.bboxes_delta.bias" in err
@@ -103,10 +103,18 @@ def test_unmapped_and_missing_keys_are_listed_and_nothing_is_written(source_mode
 def test_bad_inputs_fail_with_one_line(source_model, tmp_path, capsys):
     path = tmp_path / "official.pth"
     torch.save({"model": to_official(source_model.state_dict())}, path)
-    assert main([str(path), str(tmp_path / "o.pth"), "--components", "60"]) == 1
+    assert main([str(path), str(tmp_path / "o.pth"), "--components", "60"]) == 2
     assert "--components 60 does not match" in capsys.readouterr().err
     torch.save([1, 2], tmp_path / "list.pth")
-    assert main([str(tmp_path / "list.pth"), str(tmp_path / "o.pth")]) == 1
+    assert main([str(tmp_path / "list.pth"), str(tmp_path / "o.pth")]) == 2
     assert "expected a dict holding 'model'" in capsys.readouterr().err
-    assert main([str(tmp_path / "absent.pth"), str(tmp_path / "o.pth")]) == 1
+    assert main([str(tmp_path / "absent.pth"), str(tmp_path / "o.pth")]) == 2
+    assert "absent.pth: file not found" in capsys.readouterr().err
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    assert main([str(tmp_path / "garbage.pth"), str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'garbage.pth'}: cannot read") and "weights_only" not in err
+    torch.save({"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)}}, tmp_path / "foreign.pth")
+    assert main([str(tmp_path / "foreign.pth"), str(tmp_path / "o.pth")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'foreign.pth'}: cannot tell the ResNet depth")
     assert not (tmp_path / "o.pth").exists()

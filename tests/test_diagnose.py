@@ -68,7 +68,7 @@ def test_class_agnostic_ap_ignores_the_class(gt):
 def test_cli_rejects_a_directory_without_detections(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("{}")
     assert diagnose.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    assert "missing detections.json" in capsys.readouterr().err
+    assert "no detections.json (not a finished result directory)" in capsys.readouterr().err
     assert not (tmp_path / "out.md").exists()
 
 

@@ -164,6 +164,7 @@ def test_bad_input_one_line_exit_2(tmp_path, cache):
     bad.write_bytes(b"not a checkpoint")
     proc = cli("istr.evaluate", "--checkpoint", str(bad), "--data", str(tmp_path), check=False)
     assert proc.returncode == 2 and str(bad) in proc.stderr and proc.stderr.count("\n") == 1
+    assert "start this run over" not in proc.stderr  # resume advice belongs to training, not to evaluation
     for module in ("istr.train", "istr.evaluate"):
         assert "key=value" in cli(module, "--help").stdout
 

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from istr.config import ConfigError, build_config
-from istr.engine.job import _check_or_write_config, fit_pca_job
+from istr.engine.job import _check_or_write_config, fit_pca_job, random_init_warning
 
 torch.set_num_threads(1)
 
@@ -47,3 +47,10 @@ def test_run_directory_written_before_a_key_was_added_still_resumes(tmp_path):
     _check_or_write_config(cfg, tmp_path)  # same run: resumes
     with pytest.raises(ConfigError, match="solver.optimizer"):
         _check_or_write_config(build_config("tiny", {"solver.optimizer": "sgd"}), tmp_path)
+
+
+def test_real_data_from_a_random_resnet_is_warned_about():
+    assert "resnet50 starts from random weights on coco" in random_init_warning(build_config("paper"))
+    assert random_init_warning(build_config("paper", {"model.backbone.weights": "/w/resnet50.pth"})) is None
+    assert random_init_warning(build_config("smoke")) is None  # synthetic data: its own pretraining
+    assert random_init_warning(build_config("tiny", {"data.dataset": "/data/my_coco"})) is not None

@@ -143,6 +143,7 @@ def test_atomic_save_keeps_old_file_on_failure_and_corrupt_file_is_named(tmp_pat
     with pytest.raises(CheckpointError) as err:
         run(tmp_path / "run", tiny_cfg())
     assert str(err.value).startswith(str(tmp_path / "run" / "checkpoints" / LAST)) and "\n" not in str(err.value)
+    assert "delete it to start this run over" in str(err.value)
 
 
 def test_profile_prints_breakdown_and_writes_nothing(tmp_path, caplog):

@@ -34,6 +34,9 @@ def test_curve_table_and_figure(tmp_path, capsys):
 
 def test_missing_or_broken_curve_is_one_line_and_exit_2(tmp_path, capsys):
     assert learning_curve.main([str(tmp_path / "nothing")]) == 2
+    assert f"{tmp_path / 'nothing'}: no such result directory" in capsys.readouterr().err
+    (tmp_path / "untracked").mkdir()
+    assert learning_curve.main([str(tmp_path / "untracked")]) == 2
     assert "no learning curve (train with solver.eval_period=N" in capsys.readouterr().err
     run = tmp_path / "run"
     write_curve(run, [point(100, 1.0, [(1.0, 2.0)])])

@@ -103,6 +103,7 @@ def test_only_runs_the_named_variants(tmp_path, fake_runners):
 
 @pytest.mark.parametrize("args,message", [
     (["table9"], "unknown experiment 'table9'; choose one of table1a"),
+    (["table9"], "latency, all"),  # `all` is a name for the runner only
     (["table1a", "--only", "l=50"], "unknown variant 'l=50' for table1a; choose one of"),
     (["table1a", "model.mask.componets=40"], "unknown config key 'model.mask.componets'; did you mean model.mask.components"),
     (["table1a", "model.mask.components=forty"], "model.mask.components: expected an integer, got 'forty'"),
@@ -187,3 +188,16 @@ def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, m
     assert run.main(args) == 0
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "res").glob("*/run.json")]
     assert record["status"] == "done" and [a["status"] for a in record["attempts"]] == ["stopped"]
+
+
+def test_paper_scale_jobs_without_backbone_weights_are_warned_about():
+    def job(digest, state, weights=None, pretrain=False):
+        config = {"model": {"backbone": {"weights": weights}}, "pretrain": {"enabled": pretrain}}
+        return run.PlannedJob(digest, None, {"config": config}, [f"t/{digest}/seed0"], [], {}, state, 0)
+
+    planned = [job("a", "new"), job("b", "partial"), job("c", "cached"), job("d", "new", weights="/w/r50.pth"),
+               job("e", "new", pretrain=True)]
+    assert run.random_init_note(planned, "paper").startswith("warning: 2 paper-scale job(s) to run start the ResNet "
+                                                             "from random weights")
+    assert run.random_init_note(planned, "smoke") == ""
+    assert run.random_init_note([job("d", "new", weights="/w/r50.pth")], "paper") == ""

@@ -153,3 +153,16 @@ def test_tracked_results_root_keeps_text_records_and_ignores_checkpoints():
     out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
     assert out.returncode in (0, 1), out.stderr
     assert sorted(out.stdout.split()) == sorted(paths[len(tracked):])
+
+
+def test_missing_run_files_says_why_a_tool_cannot_read_a_run(tmp_path):
+    assert store.missing_run_files(tmp_path / "absent", ["detections.json"]) == f"{tmp_path / 'absent'}: no such result directory"
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "(not a finished result directory)" in store.missing_run_files(run, ["config.yaml", "detections.json"])
+    store.write_json_atomic(run / "metrics.json", {"final": {"mask_AP": 1.0}})  # finished; big files elsewhere
+    problem = store.missing_run_files(run, ["config.yaml", "detections.json"])
+    assert problem.startswith(f"{run}: no config.yaml, detections.json: the job is finished") and "\n" not in problem
+    (run / "config.yaml").write_text("{}")
+    (run / "detections.json").write_text("[]")
+    assert store.missing_run_files(run, ["config.yaml", "detections.json"]) is None

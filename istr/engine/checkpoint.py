@@ -64,9 +64,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: checkpoint file not found") from None
     except Exception as err:  # torch raises many types for truncated / foreign files
         reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({reason}); delete it to restart from the previous state"
-        ) from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an ISTR checkpoint (no 'model' entry)")
     return ckpt

@@ -196,6 +196,15 @@ def prepare(cfg: Config, log: logging.Logger, build: ModelFactory = build_istr):
     return cfg, train_ds, val_ds, build(cfg, train_ds, log)
 
 
+def random_init_warning(cfg: Config) -> Optional[str]:
+    """One line when a real dataset (COCO or a custom one) is trained from a randomly initialised ResNet: the paper
+    starts from ImageNet weights, which only a local file gives here (the synthetic data has its own pretraining)."""
+    if cfg.data.dataset == "synthetic" or cfg.model.backbone.weights or cfg.pretrain.enabled:
+        return None
+    return (f"{cfg.model.backbone.name} starts from random weights on {cfg.data.dataset} (the paper starts from ImageNet): "
+            "give model.backbone.weights=/path/to/weights.pth (a torchvision state dict)")
+
+
 def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int = 0, build: ModelFactory = build_istr,
                        all_stages: Optional[bool] = None) -> dict[str, Any]:
     """Train (resuming), evaluate, write the job's files; returns metrics.json's content.
@@ -209,9 +218,9 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int =
     if done is not None and not profile_iters:
         log.info("%s is complete; nothing to do", output_dir)
         return done
-    warning = slow_bf16_warning(cfg.solver.amp, device.type)
-    if warning:
-        log.warning(warning)
+    for warning in (slow_bf16_warning(cfg.solver.amp, device.type), random_init_warning(cfg)):
+        if warning:
+            log.warning(warning)
     cfg, train_ds, val_ds, model = prepare(cfg, log, build)
     if profile_iters:
         train(model, train_ds, cfg, output_dir, device, log, profile_iters=profile_iters)

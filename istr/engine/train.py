@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from istr.config import Config, ConfigError, to_dict
 from istr.engine import distributed
-from istr.engine.checkpoint import FINAL, LAST, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from istr.engine.checkpoint import FINAL, LAST, CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from istr.engine.profiling import StepProfiler
 from istr.engine.sampling import IterationBatchSampler, SeededDataset
 from istr.engine.schedule import build_optimizer, build_scheduler
@@ -147,7 +147,10 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     scaler = torch.amp.GradScaler("cuda") if solver.amp == "fp16" else None
     start_iter, train_time = 0, 0.0
     if (ckpt_dir / LAST).exists():
-        ckpt = load_checkpoint(ckpt_dir / LAST, map_location=device)
+        try:
+            ckpt = load_checkpoint(ckpt_dir / LAST, map_location=device)
+        except CheckpointError as err:  # the only resume point: without it the run starts over
+            raise CheckpointError(f"{err}; delete it to start this run over from iteration 0") from None
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
