@@ -266,3 +266,24 @@ def test_stage_attention_on_cpu_equals_the_default_kernel():
     assert torch.allclose(value, expected_value, atol=1e-5)
     assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected_grads))
     assert grads[0].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("overrides", [{"model.head.init_features": "max"}, {"model.head.init_features": "avg"},
+                                       {"model.head.init_features": "pos"}, {"model.head.interaction": "multihead"}],
+                         ids=lambda o: ",".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()))
+def test_each_head_switch_changes_the_detections(overrides):
+    """With every weight the two models share copied from the default, only the switch's own code differs: a
+    switch that were silently ignored would give bit-identical detections (CPU inference is deterministic)."""
+    images, _ = images_and_targets()
+    default = tiny_model().eval()
+    switched = tiny_model(**overrides)
+    ours = switched.state_dict()
+    shared = {k: v for k, v in default.state_dict().items()
+              if torch.is_tensor(v) and k in ours and ours[k].shape == v.shape}
+    switched.load_state_dict(shared, strict=False)
+    switched.eval()
+    with torch.no_grad():
+        reference, detections = default(images), switched(images)
+        again = default(images)
+    assert torch.equal(again[0]["scores"], reference[0]["scores"])  # the null: same model, same numbers
+    assert not torch.equal(detections[0]["scores"], reference[0]["scores"])
