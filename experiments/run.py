@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from istr.config import ConfigError
+from istr.config import ConfigError, from_dict, starts_from_random_weights
 from istr.engine.hardware import slow_bf16_warning
 
 from experiments import jobs, registry, slurm_executor, store
@@ -118,9 +118,7 @@ def random_init_note(jobs_: Sequence[PlannedJob], scale: str) -> str:
     from ImageNet, which only a local weights file can give here (nothing is downloaded)."""
     if scale != "paper":
         return ""
-    configs = [j.spec.get("config", {}) for j in jobs_ if j.state != "cached"]
-    unset = sum(not c.get("model", {}).get("backbone", {}).get("weights") and not c.get("pretrain", {}).get("enabled")
-                for c in configs)
+    unset = sum(starts_from_random_weights(from_dict(j.spec.get("config", {}))) for j in jobs_ if j.state != "cached")
     return (f"warning: {unset} paper-scale job(s) to run start the ResNet from random weights, the paper from ImageNet: "
             "add model.backbone.weights=/path/to/resnet50.pth (a torchvision state dict of that ResNet)") if unset else ""
 

@@ -239,6 +239,12 @@ def apply_overrides(cfg: Config, overrides: Any) -> Config:
     return out
 
 
+def starts_from_random_weights(cfg: Config) -> bool:
+    """A real dataset (COCO or a custom one) trained from a randomly initialised ResNet, where the paper starts from
+    ImageNet weights (only a local file gives them here; the synthetic data has its own pretraining)."""
+    return cfg.data.dataset != "synthetic" and not cfg.model.backbone.weights and not cfg.pretrain.enabled
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that single-field typing cannot express."""
     m = cfg.model

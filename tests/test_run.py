@@ -192,7 +192,7 @@ def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, m
 
 def test_paper_scale_jobs_without_backbone_weights_are_warned_about():
     def job(digest, state, weights=None, pretrain=False):
-        config = {"model": {"backbone": {"weights": weights}}, "pretrain": {"enabled": pretrain}}
+        config = {"model": {"backbone": {"weights": weights}}, "pretrain": {"enabled": pretrain}, "data": {"dataset": "coco"}}
         return run.PlannedJob(digest, None, {"config": config}, [f"t/{digest}/seed0"], [], {}, state, 0)
 
     planned = [job("a", "new"), job("b", "partial"), job("c", "cached"), job("d", "new", weights="/w/r50.pth"),

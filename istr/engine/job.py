@@ -27,7 +27,7 @@ import yaml
 from filelock import FileLock
 from tqdm import tqdm
 
-from istr.config import EVAL_PROTOCOL, Config, ConfigError, from_dict, stale_evaluation, to_dict
+from istr.config import EVAL_PROTOCOL, Config, ConfigError, from_dict, stale_evaluation, starts_from_random_weights, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
 from istr.engine.evaluate import evaluate
@@ -197,9 +197,8 @@ def prepare(cfg: Config, log: logging.Logger, build: ModelFactory = build_istr):
 
 
 def random_init_warning(cfg: Config) -> Optional[str]:
-    """One line when a real dataset (COCO or a custom one) is trained from a randomly initialised ResNet: the paper
-    starts from ImageNet weights, which only a local file gives here (the synthetic data has its own pretraining)."""
-    if cfg.data.dataset == "synthetic" or cfg.model.backbone.weights or cfg.pretrain.enabled:
+    """One line when ``starts_from_random_weights(cfg)``."""
+    if not starts_from_random_weights(cfg):
         return None
     return (f"{cfg.model.backbone.name} starts from random weights on {cfg.data.dataset} (the paper starts from ImageNet): "
             "give model.backbone.weights=/path/to/weights.pth (a torchvision state dict)")
