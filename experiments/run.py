@@ -113,14 +113,13 @@ def bf16_note(jobs_: Sequence[PlannedJob], executor_name: str) -> str:
     return f"warning: {slow} job(s) to run (on the CPU unless CUDA is found): {warning}" if slow else ""
 
 
-def random_init_note(jobs_: Sequence[PlannedJob], scale: str) -> str:
-    """A warning line when paper-scale jobs to run would start their ResNet from random weights: the paper starts
-    from ImageNet, which only a local weights file can give here (nothing is downloaded)."""
-    if scale != "paper":
-        return ""
+def random_init_note(jobs_: Sequence[PlannedJob]) -> str:
+    """A warning line when jobs to run would train on a real dataset (COCO or a custom one) from a random ResNet: the
+    paper starts from ImageNet, which only a local weights file can give here (nothing is downloaded)."""
     unset = sum(starts_from_random_weights(from_dict(j.spec.get("config", {}))) for j in jobs_ if j.state != "cached")
-    return (f"warning: {unset} paper-scale job(s) to run start the ResNet from random weights, the paper from ImageNet: "
-            "add model.backbone.weights=/path/to/resnet50.pth (a torchvision state dict of that ResNet)") if unset else ""
+    return (f"warning: {unset} job(s) to run train on a real dataset from a randomly initialised ResNet, the paper from "
+            "ImageNet: add model.backbone.weights=/path/to/resnet50.pth (a torchvision state dict of that ResNet) "
+            "or pretrain.enabled=true") if unset else ""
 
 
 def list_entries(out=None) -> None:
@@ -250,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slurm_executor.print_status(planned, slurm_executor.job_folder(args.slurm_folder, root / "_submitit"))
         return 0
     print_plan(planned, args.scale)
-    for note in (bf16_note(planned, args.executor), random_init_note(planned, args.scale)):
+    for note in (bf16_note(planned, args.executor), random_init_note(planned)):
         if note:
             print(note, file=sys.stderr)
     if args.dry_run:

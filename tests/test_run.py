@@ -190,14 +190,13 @@ def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, m
     assert record["status"] == "done" and [a["status"] for a in record["attempts"]] == ["stopped"]
 
 
-def test_paper_scale_jobs_without_backbone_weights_are_warned_about():
+def test_real_data_jobs_without_backbone_weights_are_warned_about():
     def job(digest, state, weights=None, pretrain=False):
         config = {"model": {"backbone": {"weights": weights}}, "pretrain": {"enabled": pretrain}, "data": {"dataset": "coco"}}
         return run.PlannedJob(digest, None, {"config": config}, [f"t/{digest}/seed0"], [], {}, state, 0)
 
     planned = [job("a", "new"), job("b", "partial"), job("c", "cached"), job("d", "new", weights="/w/r50.pth"),
                job("e", "new", pretrain=True)]
-    assert run.random_init_note(planned, "paper").startswith("warning: 2 paper-scale job(s) to run start the ResNet "
-                                                             "from random weights")
-    assert run.random_init_note(planned, "smoke") == ""
-    assert run.random_init_note([job("d", "new", weights="/w/r50.pth")], "paper") == ""
+    assert run.random_init_note(planned).startswith("warning: 2 job(s) to run train on a real dataset from a randomly "
+                                                    "initialised ResNet")
+    assert run.random_init_note([job("d", "new", weights="/w/r50.pth"), job("e", "new", pretrain=True)]) == ""
