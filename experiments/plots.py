@@ -22,15 +22,15 @@ import pandas as pd  # noqa: E402
 FORMATS = ("png", "svg")
 
 
-def save(fig, stem: str | Path) -> list[Path]:
-    """``stem.png`` and ``stem.svg``, each through a temporary file and ``os.replace``.
+def save(fig, stem: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """``stem.png`` and ``stem.svg`` (or ``formats``), each through a temporary file and ``os.replace``.
 
     Same figure, same bytes: the SVG gets a fixed id salt and no date, so a re-render changes committed figures
     only when their content changes."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in FORMATS:
+    for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
         tmp = path.with_name(f".{path.name}.tmp")
         with plt.rc_context({"svg.hashsalt": "istr-report"}):
