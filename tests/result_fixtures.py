@@ -16,3 +16,16 @@ def put_result(root, name, label, scale, seed, metrics, run=None):
     if run is not None:
         store.write_json_atomic(directory / "run.json", run)
     return directory
+
+
+def box_rle(box, size):
+    """The COCO RLE (counts as text, as in a json file) of a filled xywh ``box`` in an image of ``size`` (h, w)."""
+    import numpy as np
+    import pycocotools.mask as mask_util
+
+    mask = np.zeros(size, np.uint8)
+    x, y, w, h = box
+    mask[y : y + h, x : x + w] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle

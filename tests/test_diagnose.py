@@ -2,21 +2,16 @@
 import contextlib
 import io
 
-import numpy as np
-import pycocotools.mask as mask_util
 import pytest
 from pycocotools.coco import COCO
 
 from experiments import diagnose
 
+from result_fixtures import box_rle
+
 
 def _rle(box, size=(40, 40)):
-    mask = np.zeros(size, np.uint8)
-    x, y, w, h = box
-    mask[y : y + h, x : x + w] = 1
-    rle = mask_util.encode(np.asfortranarray(mask))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    return box_rle(box, size)
 
 
 @pytest.fixture()

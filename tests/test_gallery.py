@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
 
@@ -10,16 +9,13 @@ from istr.config import build_config, dump
 
 from experiments import gallery
 
+from result_fixtures import box_rle
+
 SIZE = (30, 40)  # height, width
 
 
 def _rle(box):
-    mask = np.zeros(SIZE, np.uint8)
-    x, y, w, h = box
-    mask[y : y + h, x : x + w] = 1
-    rle = mask_util.encode(np.asfortranarray(mask))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    return box_rle(box, SIZE)
 
 
 def _run(tmp_path, name, detections, annotations="val.json"):
