@@ -4,7 +4,7 @@
 
 Reads each result directory's ``config.yaml`` (for the val split) and ``detections.json`` (the final model's COCO
 results, masks as RLE). One row per val image (the first ``--images`` image ids, or ``--image-ids``), one column for
-the ground truth and one per run: masks filled in their category's colour, boxes, and "category score" for every
+the ground truth and one per run (titled by ``--labels``): masks filled in their category's colour, boxes, and "category score" for every
 detection scoring at least ``--score`` (at most ``--max-detections`` per image, highest first). Every run must be on
 the same val annotations. Writes ``OUT.png`` and ``OUT.md`` (the figure and, per image, how many objects and shown
 detections), each atomically.
@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,7 +52,8 @@ def draw(image: np.ndarray, items: Sequence[dict[str, Any]], names: dict[int, st
     masks = np.stack([mask_util.decode(_rle(item["segmentation"], height, width)) for item in items])
     masks = torch.from_numpy(masks).bool().repeat_interleave(UPSCALE, 1).repeat_interleave(UPSCALE, 2)
     colours_ = [colours[item["category_id"]] for item in items]
-    big = draw_segmentation_masks(big, masks, alpha=0.55, colors=colours_)
+    for mask, colour in zip(masks.flip(0), colours_[::-1]):  # one at a time (overlaps blend), the first on top
+        big = draw_segmentation_masks(big, mask[None], alpha=0.55, colors=[colour])
     boxes = torch.tensor([item["bbox"] for item in items], dtype=torch.float32) * UPSCALE
     boxes[:, 2:] += boxes[:, :2]
     labels = [names[item["category_id"]] + (f" {item['score']:.2f}" if show_scores else "") for item in items]
@@ -75,7 +77,7 @@ def shown_detections(detections: Sequence[dict[str, Any]], image_id: int, score:
 
 
 def gallery(runs: Sequence[str | Path], image_ids: Sequence[int] | None, num_images: int, score: float,
-            limit: int, out: str) -> str:
+            limit: int, out: str, labels: Sequence[str] | None = None) -> str:
     """Draws ``OUT.png`` and returns the markdown of ``OUT.md``. Raises ValueError when the runs' val sets differ."""
     val = {run: dataset_paths(load(Path(run) / "config.yaml").data) for run in runs}
     annotations = {paths["val_annotations"] for paths in val.values()}
@@ -91,7 +93,7 @@ def gallery(runs: Sequence[str | Path], image_ids: Sequence[int] | None, num_ima
     names = {c: gt.cats[c]["name"] for c in gt.cats}
     colours = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(sorted(gt.cats))}
     detections = {run: json.loads((Path(run) / "detections.json").read_text()) for run in runs}
-    columns = ["ground truth", *(Path(run).name for run in runs)]
+    columns = ["ground truth", *(labels or [Path(run).name for run in runs])]
     fig, axes = plots.plt.subplots(len(ids), len(columns), figsize=(4.6 * len(columns), 3.5 * len(ids)), squeeze=False)
     rows = []
     for row, image_id in enumerate(ids):
@@ -111,10 +113,13 @@ def gallery(runs: Sequence[str | Path], image_ids: Sequence[int] | None, num_ima
         rows.append(f"| {image_id} | {info['file_name']} | {len(objects)} | " + " | ".join(str(len(s)) for s in shown) + " |")
     plots.save(fig, out, formats=("png",))
     name = Path(out).name
+    selection = ["--image-ids", *map(str, image_ids)] if image_ids else ["--images", str(num_images)]
+    command = shlex.join(["python", "-m", "experiments.gallery", *map(str, runs), "--out", out, *selection,
+                          "--score", str(score), "--max-detections", str(limit), *(["--labels", *labels] if labels else [])])
     header = "| image id | file | objects | " + " | ".join(f"shown: {c}" for c in columns[1:]) + " |"
     return "\n".join([
         "# Detections on val images", "",
-        f"`python -m experiments.gallery {' '.join(map(str, runs))} --out {out} --score {score}` (val annotations: "
+        f"`{command}` (val annotations: "
         f"`{paths['val_annotations']}`). Left: the ground truth (crowd excluded). Then each run's final detections "
         f"with score >= {score} (at most {limit} per image), masks in the colour of their category.", "",
         f"![gallery]({name}.png)", "", header, "|" + "---|" * (3 + len(runs)), *rows, ""])
@@ -128,10 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=6, help="the first N val images (default 6)")
     parser.add_argument("--image-ids", type=int, nargs="+", metavar="ID", help="these val image ids instead")
     parser.add_argument("--score", type=float, default=0.3, help="show detections scoring at least this (default 0.3)")
+    parser.add_argument("--labels", nargs="+", metavar="LABEL", help="column titles, one per run (default: directory names)")
     parser.add_argument("--max-detections", type=int, default=20, help="per image and run (default 20)")
     args = parser.parse_args(argv)
     if args.images < 1 or args.max_detections < 1:
         print("error: --images and --max-detections must be >= 1", file=sys.stderr)
+        return 2
+    if args.labels and len(args.labels) != len(args.runs):
+        print(f"error: --labels: {len(args.labels)} given for {len(args.runs)} run(s)", file=sys.stderr)
         return 2
     for run in args.runs:
         problem = store.missing_run_files(run, ("config.yaml", "detections.json"))
@@ -139,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     try:
-        text = gallery(args.runs, args.image_ids, args.images, args.score, args.max_detections, args.out)
+        text = gallery(args.runs, args.image_ids, args.images, args.score, args.max_detections, args.out, args.labels)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

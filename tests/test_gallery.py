@@ -59,11 +59,14 @@ def test_draw_fills_the_mask_in_the_category_colour_and_leaves_the_rest():
     drawn = gallery.draw(image, [item], {1: "disc"}, {1: (255, 0, 0)}, show_scores=True)
     up = gallery.UPSCALE
     assert drawn.shape == (SIZE[0] * up, SIZE[1] * up, 3)
-    inside = drawn[7 * up, 7 * up]  # mask centre, away from the box outline and label
+    y, x = 11 * up - 3, 7 * up  # in the mask, below the label text, inside the box outline
+    inside = drawn[y, x]
     grey = 0.6 * 200 + 40
     assert inside[0] > grey + 50 and inside[1] < grey - 50 and inside[2] < grey - 50  # blended towards red
     assert (drawn[25 * up, 35 * up] == grey).all()  # far from the object: only dimmed
     assert (gallery.draw(image, [], {}, {}, show_scores=False) == grey).all()
+    twice = gallery.draw(image, [item, {**item, "category_id": 2}], {1: "disc", 2: "ring"}, {1: (255, 0, 0), 2: (0, 0, 255)}, True)
+    assert twice[y, x, 0] > twice[y, x, 2] > drawn[y, x, 2] + 10  # overlapping masks blend: red on top of blue
 
 
 def test_cli_writes_figure_and_counts(runs, capsys):
@@ -83,6 +86,8 @@ def test_cli_rejects_bad_input_and_writes_nothing(runs, capsys):
     out = tmp_path / "out"
     assert gallery.main([str(a), str(other), "--out", str(out)]) == 2
     assert "different val annotations" in capsys.readouterr().err
+    assert gallery.main([str(a), "--out", str(out), "--labels", "x", "y"]) == 2
+    assert "--labels: 2 given for 1 run(s)" in capsys.readouterr().err
     assert gallery.main([str(a), "--out", str(out), "--image-ids", "9"]) == 2
     assert "--image-ids: [9] not in" in capsys.readouterr().err
     (a / "detections.json").unlink()
