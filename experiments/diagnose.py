@@ -11,6 +11,8 @@ model's COCO results) and measures, on the val split:
   box IoU >= 0.5; *named* = the highest-scored of those has the right class; mask IoU >= 0.5 / 0.75 with any
   detection;
 - the confusion matrix of those top detections (rows: true class, columns: predicted class or "missed").
+- duplicates: per score level, detections per image and the share that repeat a higher-scored detection of the
+  same class (box IoU >= 0.7), as a set predictor without NMS may.
 
 Writes ``NAME.md`` when ``--out`` is given, else prints it.
 """
@@ -100,6 +102,32 @@ def mask_by_box_iou(objects: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+SCORE_LEVELS = (0.1, 0.3, 0.5)
+DUPLICATE_IOU = 0.7
+
+
+def duplicates(detections: list[dict[str, Any]], num_images: int) -> pd.DataFrame:
+    """Per score level t: detections with score >= t per image, and the fraction of them that duplicate a higher-scored
+    detection of the same class in the same image (box IoU >= 0.7). A set predictor has no NMS: its loss alone must
+    teach the proposals not to repeat each other."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for d in detections:
+        by_image.setdefault(int(d["image_id"]), []).append(d)
+    rows = {}
+    for level in SCORE_LEVELS:
+        kept = repeated = 0
+        for found in by_image.values():
+            ranked = sorted((d for d in found if d["score"] >= level), key=lambda d: -d["score"])
+            for i, d in enumerate(ranked):
+                earlier = [e["bbox"] for e in ranked[:i] if e["category_id"] == d["category_id"]]
+                if earlier:
+                    repeated += mask_util.iou([d["bbox"]], earlier, [0] * len(earlier)).max() >= DUPLICATE_IOU
+            kept += len(ranked)
+        rows[f"score >= {level}"] = {"per image": kept / max(num_images, 1),
+                                     "duplicates": repeated / kept if kept else math.nan}
+    return pd.DataFrame(rows).T
+
+
 def confusion(objects: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """Counts: rows = true class, columns = class of the top located detection, or ``missed``."""
     predicted = objects.top_category.fillna(MISSED)
@@ -121,7 +149,7 @@ def diagnose(run_dir: str | Path) -> dict[str, Any]:
     runner = json.loads(spec.read_text()).get("runner", "istr") if spec.is_file() else "istr"
     title = f"{run.name}: {runner}, {cfg.model.backbone.name}, {len(gt.imgs)} val images"
     return {"title": title, "ap": pd.DataFrame(ap).T, "areas": by_area(objects), "mask_by_box": mask_by_box_iou(objects),
-            "confusion": confusion(objects, names)}
+            "confusion": confusion(objects, names), "duplicates": duplicates(detections, len(gt.imgs))}
 
 
 def render(results: list[dict[str, Any]]) -> str:
@@ -135,7 +163,10 @@ def render(results: list[dict[str, Any]]) -> str:
                   "Mask IoU of the best-box detection, by its box IoU:", "",
                   result["mask_by_box"].round(3).astype({"objects": int}).to_markdown(), "",
                   "Confusion of the top located detection (rows: true class):", "",
-                  result["confusion"].to_markdown(), ""]
+                  result["confusion"].to_markdown(), "",
+                  f"Confident detections per image, and the share of them with box IoU >= {DUPLICATE_IOU} with a "
+                  "higher-scored detection of the same class:", "",
+                  result["duplicates"].round(3).to_markdown(), ""]
     return "\n".join(lines)
 
 

@@ -78,3 +78,15 @@ def test_mask_quality_is_binned_by_the_same_detections_box_iou(gt):
     assert table.loc["box IoU 0.9-1.0"].tolist() == pytest.approx([1, 0.5])
     assert table.loc["box IoU 0.7-0.8"].tolist() == pytest.approx([1, 0.75])
     assert table.loc["box IoU 0.8-0.9", "objects"] == 0
+
+
+def test_duplicates_count_repeats_of_a_higher_scored_same_class_box(gt):
+    detections = [_det((2, 2, 10, 10), 1, 0.9),
+                  _det((2, 2, 10, 9), 1, 0.6),      # IoU 0.9 with the first, same class: a duplicate
+                  _det((2, 2, 10, 10), 2, 0.4),     # same box, other class: not counted
+                  _det((20, 20, 12, 12), 2, 0.35),
+                  _det((2, 2, 10, 10), 1, 0.2)]     # a duplicate, below 0.3
+    table = diagnose.duplicates(detections, num_images=2)
+    assert table.loc["score >= 0.1"].tolist() == pytest.approx([2.5, 2 / 5])
+    assert table.loc["score >= 0.3"].tolist() == pytest.approx([2.0, 1 / 4])
+    assert table.loc["score >= 0.5"].tolist() == pytest.approx([1.0, 1 / 2])
