@@ -65,7 +65,8 @@ class HeadConfig:
     init_features: Literal["max", "avg", "pos", "avg+pos"] = "avg+pos"  # Table 1e
     # Where the learned proposal boxes start. "image" is official (all = whole image); "grid" is a
     # CPU-scale deviation (boxes tiled over the image): a scratch backbone learned nothing from "image"
-    # (cpu-training-facts.md); with the pretrained trunk "image" learns (reports/smoke_probes.md).
+    # (cpu-training-facts.md); with the pretrained trunk "image" learns but ends 5 mask AP lower at smoke
+    # scale, in scores and duplicates (reports/smoke_probes.md).
     proposal_init: Literal["image", "grid"] = "image"
     prior_prob: float = 0.01
     bbox_weights: tuple[float, float, float, float] = (2.0, 2.0, 1.0, 1.0)
