@@ -41,15 +41,14 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def draw(image: np.ndarray, items: Sequence[dict[str, Any]], names: dict[int, str], colours: dict[int, tuple],
          show_scores: bool) -> np.ndarray:
-    """``image`` (H, W, 3) uint8 in dimmed grey, enlarged ``UPSCALE`` times, with ``items`` (COCO annotations or results: ``bbox``
-    xywh, ``segmentation`` RLE, ``category_id``, optional ``score``) drawn on it; (H*UPSCALE, W*UPSCALE, 3) uint8."""
+    """``image`` (H, W, 3) uint8 in dimmed grey, enlarged ``UPSCALE`` times, with ``items`` drawn on it (COCO annotations
+    or results: ``bbox`` xywh, ``segmentation`` as RLE, ``category_id``, optional ``score``); (H*UPSCALE, W*UPSCALE, 3) uint8."""
     grey = torch.from_numpy(image).float().mean(-1, keepdim=True) * 0.6 + 40  # dimmed, so that mask colours stand out
     big = grey.expand(-1, -1, 3).round().to(torch.uint8).permute(2, 0, 1)
     big = big.repeat_interleave(UPSCALE, 1).repeat_interleave(UPSCALE, 2).contiguous()
     if not items:
         return big.permute(1, 2, 0).numpy()
-    height, width = image.shape[:2]
-    masks = np.stack([mask_util.decode(_rle(item["segmentation"], height, width)) for item in items])
+    masks = np.stack([mask_util.decode(item["segmentation"]) for item in items])
     masks = torch.from_numpy(masks).bool().repeat_interleave(UPSCALE, 1).repeat_interleave(UPSCALE, 2)
     colours_ = [colours[item["category_id"]] for item in items]
     for mask, colour in zip(masks.flip(0), colours_[::-1]):  # one at a time (overlaps blend), the first on top
@@ -59,15 +58,6 @@ def draw(image: np.ndarray, items: Sequence[dict[str, Any]], names: dict[int, st
     labels = [names[item["category_id"]] + (f" {item['score']:.2f}" if show_scores else "") for item in items]
     big = draw_bounding_boxes(big, boxes, labels=labels, colors=colours_, width=2, font=FONT, font_size=16)
     return big.permute(1, 2, 0).numpy()
-
-
-def _rle(segmentation: Any, height: int, width: int) -> dict:
-    """An RLE of any COCO segmentation (RLE, uncompressed RLE or polygons)."""
-    if isinstance(segmentation, list):
-        return mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_util.frPyObjects(segmentation, height, width)
-    return segmentation
 
 
 def shown_detections(detections: Sequence[dict[str, Any]], image_id: int, score: float, limit: int) -> list[dict]:
@@ -99,7 +89,7 @@ def gallery(runs: Sequence[str | Path], image_ids: Sequence[int] | None, num_ima
     for row, image_id in enumerate(ids):
         info = gt.imgs[image_id]
         image = np.array(Image.open(Path(paths["val_images"]) / info["file_name"]).convert("RGB"))
-        objects = [a for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        objects = [{**a, "segmentation": gt.annToRLE(a)} for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         panels = [draw(image, objects, names, colours, show_scores=False)]
         shown = [shown_detections(detections[run], image_id, score, limit) for run in runs]
         panels += [draw(image, items, names, colours, show_scores=True) for items in shown]
