@@ -135,7 +135,7 @@ def confusion(objects: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     return table.astype(int)
 
 
-def diagnose(run_dir: str | Path) -> dict[str, Any]:
+def diagnose(run_dir: str | Path, differences: str = "") -> dict[str, Any]:
     run = Path(run_dir)
     cfg = load(run / "config.yaml")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -148,6 +148,7 @@ def diagnose(run_dir: str | Path) -> dict[str, Any]:
     spec = run / "spec.json"
     runner = json.loads(spec.read_text()).get("runner", "istr") if spec.is_file() else "istr"
     title = f"{run.name}: {runner}, {cfg.model.backbone.name}, {len(gt.imgs)} val images"
+    title += f"; {differences}" if differences else ""
     return {"title": title, "ap": pd.DataFrame(ap).T, "areas": by_area(objects), "mask_by_box": mask_by_box_iou(objects),
             "confusion": confusion(objects, names), "duplicates": duplicates(detections, len(gt.imgs))}
 
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-    text = render([diagnose(run) for run in args.runs])
+    differences = store.config_differences(args.runs)  # what the sections compare, in their titles
+    text = render([diagnose(run, differs) for run, differs in zip(args.runs, differences)])
     store.write_report_or_print(text, args.out)
     return 0
 

@@ -4,7 +4,8 @@
 
 Reads each result directory's ``config.yaml`` (for the val split) and ``detections.json`` (the final model's COCO
 results, masks as RLE). One row per val image (the first ``--images`` image ids, or ``--image-ids``), one column for
-the ground truth and one per run (titled by ``--labels``): masks filled in their category's colour, boxes, and "category score" for every
+the ground truth and one per run (titled by ``--labels``, else the directory and the config keys in which the runs
+differ): masks filled in their category's colour, boxes, and "category score" for every
 detection scoring at least ``--score`` (at most ``--max-detections`` per image, highest first). Every run must be on
 the same val annotations. Writes ``OUT.png`` and ``OUT.md`` (the figure and, per image, how many objects and shown
 detections), each atomically.
@@ -83,7 +84,8 @@ def gallery(runs: Sequence[str | Path], image_ids: Sequence[int] | None, num_ima
     names = {c: gt.cats[c]["name"] for c in gt.cats}
     colours = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(sorted(gt.cats))}
     detections = {run: json.loads((Path(run) / "detections.json").read_text()) for run in runs}
-    columns = ["ground truth", *(labels or [Path(run).name for run in runs])]
+    columns = ["ground truth", *(labels or [f"{Path(run).name}\n{d}" if d else Path(run).name
+                                              for run, d in zip(runs, store.config_differences(runs))])]
     fig, axes = plots.plt.subplots(len(ids), len(columns), figsize=(4.6 * len(columns), 3.5 * len(ids)), squeeze=False)
     rows = []
     for row, image_id in enumerate(ids):
@@ -106,7 +108,7 @@ def gallery(runs: Sequence[str | Path], image_ids: Sequence[int] | None, num_ima
     selection = ["--image-ids", *map(str, image_ids)] if image_ids else ["--images", str(num_images)]
     command = shlex.join(["python", "-m", "experiments.gallery", *map(str, runs), "--out", out, *selection,
                           "--score", str(score), "--max-detections", str(limit), *(["--labels", *labels] if labels else [])])
-    header = "| image id | file | objects | " + " | ".join(f"shown: {c}" for c in columns[1:]) + " |"
+    header = "| image id | file | objects | " + " | ".join(f"shown: {c}".replace("\n", "; ") for c in columns[1:]) + " |"
     return "\n".join([
         "# Detections on val images", "",
         f"`{command}` (val annotations: "

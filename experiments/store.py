@@ -164,3 +164,22 @@ def lock(directory: str | Path):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     return FileLock(str(directory / ".lock"))
+
+
+def config_differences(run_dirs: Sequence[str | Path]) -> list[str]:
+    """For each run directory, ``"key=value, ..."`` over the config keys whose values differ between the runs'
+    ``config.yaml`` files (empty when they agree, or for a single run): what a side-by-side report compares."""
+    import yaml
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+        out = {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{name}."))
+            else:
+                out[f"{prefix}{name}"] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+    configs = [flat(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}) for run in run_dirs]
+    keys = sorted({k for c in configs for k in c if len({d.get(k) for d in configs}) > 1})
+    return [", ".join(f"{k}={c.get(k, 'unset')}" for k in keys) for c in configs]

@@ -166,3 +166,18 @@ def test_missing_run_files_says_why_a_tool_cannot_read_a_run(tmp_path):
     (run / "config.yaml").write_text("{}")
     (run / "detections.json").write_text("[]")
     assert store.missing_run_files(run, ["config.yaml", "detections.json"]) is None
+
+
+def test_config_differences_name_the_keys_that_differ_between_runs(tmp_path):
+    for name, text in (("a", "seed: 1\nmodel: {head: {proposal_init: grid, steps: [1, 2]}, name: x}\n"),
+                       ("b", "seed: 2\nmodel: {head: {proposal_init: image, steps: [1, 2]}, name: x}\n"),
+                       ("c", "seed: 1\nmodel: {head: {proposal_init: grid, steps: [1, 3]}}\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(text)
+    runs = [tmp_path / n for n in "abc"]
+    assert store.config_differences(runs) == [
+        "model.head.proposal_init=grid, model.head.steps=[1, 2], model.name=x, seed=1",
+        "model.head.proposal_init=image, model.head.steps=[1, 2], model.name=x, seed=2",
+        "model.head.proposal_init=grid, model.head.steps=[1, 3], model.name=unset, seed=1"]
+    assert store.config_differences(runs[:1]) == [""]
+    assert store.config_differences([runs[0], runs[0]]) == ["", ""]
