@@ -171,15 +171,12 @@ def config_differences(run_dirs: Sequence[str | Path]) -> list[str]:
     ``config.yaml`` files (empty when they agree, or for a single run): what a side-by-side report compares."""
     import yaml
 
-    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-        out = {}
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{name}."))
-            else:
-                out[f"{prefix}{name}"] = value if isinstance(value, str) else json.dumps(value)
-        return out
+    from istr.dataclass_tree import flatten
 
-    configs = [flat(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}) for run in run_dirs]
+    def as_text(run: str | Path) -> dict[str, str]:
+        tree = flatten(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {})
+        return {key: value if isinstance(value, str) else json.dumps(value) for key, value in tree.items()}
+
+    configs = [as_text(run) for run in run_dirs]
     keys = sorted({k for c in configs for k in c if len({d.get(k) for d in configs}) > 1})
     return [", ".join(f"{k}={c.get(k, 'unset')}" for k in keys) for c in configs]

@@ -144,6 +144,17 @@ def split_override(text: str) -> tuple[str, Any]:
     return key.strip(), parse_value(raw)
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested plain dict as dotted keys: ``{"a": {"b": 40}}`` -> ``{"a.b": 40}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def get_value(cfg: Any, key: str) -> Any:
     """The value at dotted ``key``."""
     node: Any = cfg

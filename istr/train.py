@@ -21,21 +21,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from istr.config import PRESETS, Config, ConfigError, apply_overrides, build_config, load
+from istr.dataclass_tree import flatten
 
 EXIT_DIVERGED, EXIT_BAD_INPUT = 1, 2
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def resolve_config(scale: Optional[str], config_file: Optional[str], overrides: list[str]) -> Config:
@@ -47,7 +38,7 @@ def resolve_config(scale: Optional[str], config_file: Optional[str], overrides: 
         if not Path(config_file).is_file():
             raise ConfigError(f"--config {config_file}: no such file")
         load(config_file)  # validates keys and values, with file-named messages
-        cfg = apply_overrides(cfg, _flatten(yaml.safe_load(Path(config_file).read_text()) or {}))
+        cfg = apply_overrides(cfg, flatten(yaml.safe_load(Path(config_file).read_text()) or {}))
     return apply_overrides(cfg, overrides)
 
 

@@ -74,3 +74,14 @@ def test_presets_and_deviations():
     assert "model.head.num_stages" not in deviations
     with pytest.raises(ConfigError, match="unknown scale 'huge'"):
         build_config("huge")
+
+
+def test_a_config_file_sets_only_its_keys_between_preset_and_overrides(tmp_path):
+    from istr.train import resolve_config
+
+    path = tmp_path / "partial.yaml"
+    path.write_text("model:\n  mask: {components: 40}\n  head: {num_stages: 2}\nsolver: {steps: [10, 20]}\n")
+    cfg = resolve_config("smoke", str(path), ["model.head.num_stages=3"])
+    assert cfg.model.mask.components == 40 and list(cfg.solver.steps) == [10, 20]
+    assert cfg.model.head.num_stages == 3  # the override wins over the file
+    assert cfg.model.head.num_proposals == build_config("smoke").model.head.num_proposals  # the preset's, untouched
