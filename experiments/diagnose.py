@@ -48,13 +48,18 @@ def coco_ap(gt: COCO, detections: list[dict[str, Any]], iou_type: str, use_cats:
     return {name: math.nan if stats[i] is None else stats[i] for name, i in (("AP", 0), ("AP50", 1), ("AR100", 8))}
 
 
+def _by_image(detections: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for d in detections:
+        by_image.setdefault(int(d["image_id"]), []).append(d)
+    return by_image
+
+
 def per_object(gt: COCO, detections: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per non-crowd ground-truth object: ``category, area, box_iou`` (best over all detections),
     ``mask_iou`` (best; NaN without masks), ``mask_iou_of_best_box`` (the mask IoU of the detection with the best
     box IoU), ``top_category`` (class of the highest-scored detection with box IoU >= 0.5, or None)."""
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for d in detections:
-        by_image.setdefault(int(d["image_id"]), []).append(d)
+    by_image = _by_image(detections)
     rows = []
     for ann in gt.dataset["annotations"]:
         if ann.get("iscrowd", 0):
@@ -110,10 +115,8 @@ def duplicates(detections: list[dict[str, Any]], num_images: int) -> pd.DataFram
     """Per score level t: detections with score >= t per image, and the fraction of them that duplicate a higher-scored
     detection of the same class in the same image (box IoU >= 0.7). A set predictor has no NMS: its loss alone must
     teach the proposals not to repeat each other."""
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for d in detections:
-        by_image.setdefault(int(d["image_id"]), []).append(d)
     rows = {}
+    by_image = _by_image(detections)
     for level in SCORE_LEVELS:
         kept = repeated = 0
         for found in by_image.values():
