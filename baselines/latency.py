@@ -36,7 +36,7 @@ from baselines.latency_report import load_jobs, paper_reference, render_markdown
 from baselines.maskrcnn import build_maskrcnn
 from istr.config import Config, ConfigError, build_config
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
-from istr.engine.hardware import slow_bf16_warning
+from istr.engine.cpu_bf16 import bf16_products_in_fp32, fp32_products_note
 from istr.engine.latency import LatencyCase, LatencyResult, describe_environment, measure_latency
 from istr.models import build_model
 from istr.models.fast import optimize_for_inference
@@ -240,9 +240,9 @@ def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print,
     cfg = build_config(scale, dict(overrides or {}))
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    warning = slow_bf16_warning(cfg.solver.amp, "cpu")
-    if warning:
-        log(f"warning: {warning}")
+    note = fp32_products_note(cfg.solver.amp, "cpu")
+    if note:
+        log(f"note: {note}")
     train_ds, _ = build_datasets(cfg)
     cfg.model.num_classes = train_ds.num_classes
     torch.manual_seed(cfg.seed)
@@ -257,9 +257,10 @@ def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print,
         for name in (list(models) if i % 2 == 0 else list(reversed(models))):
             model, optimizer = models[name], optimizers[name]
             start = time.perf_counter()
-            with autocast(device, cfg.solver.amp):
-                loss = sum(model(images, targets).values())
-            loss.backward()
+            with bf16_products_in_fp32(cfg.solver.amp, device):
+                with autocast(device, cfg.solver.amp):
+                    loss = sum(model(images, targets).values())
+                loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from istr.config import ConfigError, from_dict, starts_from_random_weights
-from istr.engine.hardware import slow_bf16_warning
 
 from experiments import jobs, registry, slurm_executor, store
 
@@ -101,16 +100,6 @@ def print_plan(jobs_: Sequence[PlannedJob], scale: str, out=None) -> None:
         print(f"  {job.digest}  {job.state:7s}  {job.spec['runner']:8s} seed={job.seed}  "
               f"[{res.get('nodes')}n x {res.get('gpus_per_node')}gpu, {res.get('cpus_per_task')}cpu, "
               f"{res.get('mem_gb')}G, {res.get('time_min')}min]  {', '.join(job.uses)}", file=out)
-
-
-def bf16_note(jobs_: Sequence[PlannedJob], executor_name: str) -> str:
-    """A warning line when jobs to run here (not on SLURM) ask for bf16 that this machine's CPU emulates."""
-    warning = slow_bf16_warning("bf16", "cpu")
-    if executor_name == "slurm" or not warning:
-        return ""
-    configs = [j.spec.get("config", {}) for j in jobs_ if j.state != "cached"]
-    slow = sum(c.get("device") != "cuda" and c.get("solver", {}).get("amp") == "bf16" for c in configs)
-    return f"warning: {slow} job(s) to run (on the CPU unless CUDA is found): {warning}" if slow else ""
 
 
 def random_init_note(jobs_: Sequence[PlannedJob]) -> str:
@@ -249,9 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         slurm_executor.print_status(planned, slurm_executor.job_folder(args.slurm_folder, root / "_submitit"))
         return 0
     print_plan(planned, args.scale)
-    for note in (bf16_note(planned, args.executor), random_init_note(planned)):
-        if note:
-            print(note, file=sys.stderr)
+    if note := random_init_note(planned):
+        print(note, file=sys.stderr)
     if args.dry_run:
         return 0
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from istr.engine import distributed
+from istr.engine.cpu_bf16 import bf16_products_in_fp32
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 TASKS = {"segm": "mask", "bbox": "box"}
@@ -118,7 +119,8 @@ def predict(model: nn.Module, dataset: Dataset, label_to_category_id: Sequence[i
     for images, targets in loader:
         images = [image.to(device) for image in images]
         sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
-        with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "none"):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "none"), \
+                bf16_products_in_fp32(amp, device):
             if all_stages:
                 stages = model(images, all_stages=True, output_sizes=sizes)
             else:

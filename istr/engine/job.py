@@ -30,8 +30,8 @@ from tqdm import tqdm
 from istr.config import EVAL_PROTOCOL, Config, ConfigError, from_dict, stale_evaluation, starts_from_random_weights, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
+from istr.engine.cpu_bf16 import fp32_products_note
 from istr.engine.evaluate import evaluate
-from istr.engine.hardware import slow_bf16_warning
 from istr.engine.train import train
 
 
@@ -217,9 +217,10 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path, profile_iters: int =
     if done is not None and not profile_iters:
         log.info("%s is complete; nothing to do", output_dir)
         return done
-    for warning in (slow_bf16_warning(cfg.solver.amp, device.type), random_init_warning(cfg)):
-        if warning:
-            log.warning(warning)
+    for level, line in ((logging.INFO, fp32_products_note(cfg.solver.amp, device.type)),
+                        (logging.WARNING, random_init_warning(cfg))):
+        if line:
+            log.log(level, line)
     cfg, train_ds, val_ds, model = prepare(cfg, log, build)
     if profile_iters:
         train(model, train_ds, cfg, output_dir, device, log, profile_iters=profile_iters)
