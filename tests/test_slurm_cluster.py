@@ -151,7 +151,7 @@ def test_sbatch_template_trains_and_requeues_itself_on_the_time_limit_signal(slu
         str(SCRIPT.parent / "istr.sbatch"), "--scale", "tiny", "--output-dir", str(tmp_path / "run"),
         "solver.max_iter=24", "solver.checkpoint_period=5", check=True).stdout.strip()
     deadline = time.monotonic() + 120
-    while not (log.exists() and "iter 12/24" in log.read_text()):
+    while not (log.exists() and b"iter 12/24" in log.read_bytes()):
         assert time.monotonic() < deadline and sacct_state(slurm_cluster, job_id) in ("", "PENDING", "RUNNING")
         time.sleep(0.3)
     slurm_cluster.client("scancel", "--batch", "--signal=USR1", job_id, check=True)
