@@ -253,13 +253,14 @@ def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print,
     batches = [collate([train_ds[(i * cfg.solver.batch_size + j) % len(train_ds)] for j in range(cfg.solver.batch_size)])
                for i in range(steps + warmup)]
     times: dict[str, list[float]] = {name: [] for name in models}
+    products = bf16_products_in_fp32(cfg.solver.amp, device)
     for i, (images, targets) in enumerate(batches):
         for name in (list(models) if i % 2 == 0 else list(reversed(models))):
             model, optimizer = models[name], optimizers[name]
             start = time.perf_counter()
-            with bf16_products_in_fp32(cfg.solver.amp, device):
-                with autocast(device, cfg.solver.amp):
-                    loss = sum(model(images, targets).values())
+            with autocast(device, cfg.solver.amp), products:
+                loss = sum(model(images, targets).values())
+            with products:
                 loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
             optimizer.step()

@@ -27,7 +27,7 @@ class RecordingMode(Bf16ProductsInFp32):
         self.computed: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in cpu_bf16.FP32_COMPUTED_OPS and cpu_bf16._all_bf16((args, kwargs or {})):
+        if self.computes_in_fp32(func, args, kwargs or {}):
             self.computed.append(func.overloadpacket.__name__)
         return super().__torch_dispatch__(func, types, args, kwargs)
 

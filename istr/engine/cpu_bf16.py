@@ -48,9 +48,13 @@ class Bf16ProductsInFp32(TorchDispatchMode):
     the autograd backward too, which runs on the thread that calls ``backward()`` on CPU.
     """
 
+    @staticmethod
+    def computes_in_fp32(func, args, kwargs) -> bool:
+        return func in FP32_COMPUTED_OPS and _all_bf16((args, kwargs))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in FP32_COMPUTED_OPS and _all_bf16((args, kwargs)):
+        if self.computes_in_fp32(func, args, kwargs):
             return tree_map(_round_to_bf16, func(*tree_map(_widen, args), **tree_map(_widen, kwargs)))
         return func(*args, **kwargs)
 

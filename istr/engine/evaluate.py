@@ -116,11 +116,12 @@ def predict(model: nn.Module, dataset: Dataset, label_to_category_id: Sequence[i
     model.eval()
     per_stage: list[list[dict[str, Any]]] = []
     image_ids: list[int] = []
+    products = bf16_products_in_fp32(amp, device)
     for images, targets in loader:
         images = [image.to(device) for image in images]
         sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
-        with torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "none"), \
-                bf16_products_in_fp32(amp, device):
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        with torch.autocast(device.type, dtype=dtype, enabled=amp != "none"), products:
             if all_stages:
                 stages = model(images, all_stages=True, output_sizes=sizes)
             else:

@@ -97,27 +97,27 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
     targets = torch.where(labels < 0, torch.full_like(labels, num_classes), labels).to(device)
     net.train()
     start, correct, seen = time.time(), 0, 0
-    with bf16_products_in_fp32(cfg.solver.amp, device):  # forward and backward
-        for step in tqdm(range(total), desc="pretrain", unit="it", mininterval=2):
-            index = torch.randint(len(crops), (cfg.pretrain.batch_size,), generator=generator)
-            x = crops[index].float()
-            flip = torch.rand(len(x), generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
-            x, index = x.to(device, non_blocking=True), index.to(device)
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.solver.amp == "bf16"):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), targets[index])
-            optimizer.zero_grad(set_to_none=True)
+    products = bf16_products_in_fp32(cfg.solver.amp, device)  # entered for each forward and backward
+    for step in tqdm(range(total), desc="pretrain", unit="it", mininterval=2):
+        index = torch.randint(len(crops), (cfg.pretrain.batch_size,), generator=generator)
+        x = crops[index].float()
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x[flip] = x[flip].flip(-1)
+        x, index = x.to(device, non_blocking=True), index.to(device)
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.solver.amp == "bf16"), products:
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        with products:
             loss.backward()
-            optimizer.step()
-            schedule.step()
-            correct = correct + (logits.argmax(1) == targets[index]).sum()  # a tensor: no device sync per step
-            seen += len(x)
-            if (step + 1) % 50 == 0 or step + 1 == total:
-                log.info("pretrain %d/%d loss %.3f acc %.3f (%.1f s)", step + 1, total, loss.item(), int(correct) / seen,
-                         time.time() - start)
-                correct, seen = 0, 0
+        optimizer.step()
+        schedule.step()
+        correct = correct + (logits.argmax(1) == targets[index]).sum()  # a tensor: no device sync per step
+        seen += len(x)
+        if (step + 1) % 50 == 0 or step + 1 == total:
+            log.info("pretrain %d/%d loss %.3f acc %.3f (%.1f s)", step + 1, total, loss.item(), int(correct) / seen, time.time() - start)
+            correct, seen = 0, 0
     return {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
 

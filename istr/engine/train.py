@@ -190,6 +190,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     batches = iter(loader)
     profiler = StepProfiler(model, device) if profile_iters else None
     params = [p for p in model.parameters() if p.requires_grad]
+    products = bf16_products_in_fp32(solver.amp, device)  # entered for each forward and backward
     window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
     progress = tqdm(total=end_iter, initial=start_iter, disable=not is_main, desc="train", dynamic_ncols=True)
 
@@ -197,53 +198,51 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
         return profiler.section(name) if profiler else contextlib.nullcontext()
 
     try:
-        with bf16_products_in_fp32(solver.amp, device):
-            for iteration in range(start_iter, end_iter):
-                if profiler and iteration == start_iter + 1:
-                    profiler.reset()  # the first iteration warms up allocators and caches
-                step_start = time.perf_counter()
-                with timed("data"):
-                    images, targets = next(batches)
-                    images = [image.to(device, non_blocking=True) for image in images]
-                    targets = [_to_device(t, device) for t in targets]
-                data_time = time.perf_counter() - step_start
-                with timed("forward"), autocast(device, solver.amp):
-                    losses = train_model(images, targets)
-                values = _reduced_losses(losses, iteration, device, ckpt_dir / LAST)
-                with timed("backward"):
-                    total = sum(losses.values())
-                    (scaler.scale(total) if scaler else total).backward()
-                lr = optimizer.param_groups[0]["lr"]
-                with timed("optimizer"):
-                    _optimizer_step(optimizer, scaler, params, solver.clip_grad_norm, iteration, values)
-                    scheduler.step()
-                if profiler:
-                    profiler.step()
-                done = iteration + 1
-                train_time += time.perf_counter() - step_start
-                window_data, window_iters = window_data + data_time, window_iters + 1
-                progress.update(1)
-                if writing and (done % solver.log_period == 0 or done == end_iter):
-                    elapsed = time.perf_counter() - window_start
-                    record = {"iteration": done, "lr": lr, **values, "time_s": elapsed / window_iters,
-                              "data_time_s": window_data / window_iters}
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
-                    if is_main:
-                        with open(jsonl, "a") as handle:
-                            handle.write(json.dumps(record) + "\n")
-                        log.info("iter %d/%d  loss %.4f  lr %.3g  %.3f s/it", done, end_iter, values["loss"], lr,
-                                 record["time_s"])
-                    window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
-                if writing and periodic_eval and solver.eval_period > 0 and done % solver.eval_period == 0:
-                    _evaluate_now(model, periodic_eval, curve if is_main else None, done, train_time, log)
-                if writing and (done % solver.checkpoint_period == 0 or done == end_iter):
-                    states = distributed.all_gather_objects(rng_state())
-                    if is_main:
-                        atomic_save({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(),
-                                     "scaler": scaler.state_dict() if scaler else None,
-                                     "iteration": done, "train_time_s": train_time, "rng": states}, ckpt_dir / LAST)
-                    distributed.barrier()
+        for iteration in range(start_iter, end_iter):
+            if profiler and iteration == start_iter + 1:
+                profiler.reset()  # the first iteration warms up allocators and caches
+            step_start = time.perf_counter()
+            with timed("data"):
+                images, targets = next(batches)
+                images = [image.to(device, non_blocking=True) for image in images]
+                targets = [_to_device(t, device) for t in targets]
+            data_time = time.perf_counter() - step_start
+            with timed("forward"), autocast(device, solver.amp), products:
+                losses = train_model(images, targets)
+            values = _reduced_losses(losses, iteration, device, ckpt_dir / LAST)
+            with timed("backward"), products:
+                total = sum(losses.values())
+                (scaler.scale(total) if scaler else total).backward()
+            lr = optimizer.param_groups[0]["lr"]
+            with timed("optimizer"):
+                _optimizer_step(optimizer, scaler, params, solver.clip_grad_norm, iteration, values)
+                scheduler.step()
+            if profiler:
+                profiler.step()
+            done = iteration + 1
+            train_time += time.perf_counter() - step_start
+            window_data, window_iters = window_data + data_time, window_iters + 1
+            progress.update(1)
+            if writing and (done % solver.log_period == 0 or done == end_iter):
+                elapsed = time.perf_counter() - window_start
+                record = {"iteration": done, "lr": lr, **values, "time_s": elapsed / window_iters,
+                          "data_time_s": window_data / window_iters}
+                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                if is_main:
+                    with open(jsonl, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    log.info("iter %d/%d  loss %.4f  lr %.3g  %.3f s/it", done, end_iter, values["loss"], lr,
+                             record["time_s"])
+                window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
+            if writing and periodic_eval and solver.eval_period > 0 and done % solver.eval_period == 0:
+                _evaluate_now(model, periodic_eval, curve if is_main else None, done, train_time, log)
+            if writing and (done % solver.checkpoint_period == 0 or done == end_iter):
+                states = distributed.all_gather_objects(rng_state())
+                if is_main:
+                    atomic_save({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                                 "iteration": done, "train_time_s": train_time, "rng": states}, ckpt_dir / LAST)
+                distributed.barrier()
     finally:
         progress.close()
         if profiler:
