@@ -24,7 +24,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from baselines.latency_report import load_jobs, paper_reference, render_markdown
 from baselines.maskrcnn import build_maskrcnn
-from istr.config import Config, ConfigError, build_config
+from istr.config import Config, ConfigError, SolverConfig, build_config
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
 from istr.engine.cpu_bf16 import bf16_products_in_fp32, fp32_products_note
+from istr.engine.precision import autocast
 from istr.engine.latency import LatencyCase, LatencyResult, describe_environment, measure_latency
 from istr.models import build_model
 from istr.models.fast import optimize_for_inference
@@ -229,13 +230,26 @@ def measure(cfg: Config, options: dict[str, Any], log=print) -> dict[str, Any]:
     return metrics
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list[Tensor],
+               targets: list[dict[str, Any]], solver: SolverConfig, products: ContextManager) -> Tensor:
+    """One timed training iteration: forward under ``solver.amp`` and ``products`` (from ``bf16_products_in_fp32``),
+    backward, full-model gradient clipping, optimizer step. Returns the detached loss."""
+    with autocast("cpu", solver.amp), products:
+        loss = sum(model(images, targets).values())
+    with products:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], solver.clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print,
                         overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Seconds per training iteration (forward, backward, clipping, AdamW) of ISTR and Mask R-CNN at ``scale``
     (plus config ``overrides``), interleaved ABBA on the same synthetic training batches, under its ``solver.amp``."""
     from istr.data import build_datasets, collate
     from istr.engine.schedule import build_optimizer
-    from istr.engine.train import autocast
 
     cfg = build_config(scale, dict(overrides or {}))
     if cfg.num_threads > 0:
@@ -256,15 +270,8 @@ def measure_train_steps(scale: str, steps: int, warmup: int = 1, log=print,
     products = bf16_products_in_fp32(cfg.solver.amp, device)
     for i, (images, targets) in enumerate(batches):
         for name in (list(models) if i % 2 == 0 else list(reversed(models))):
-            model, optimizer = models[name], optimizers[name]
             start = time.perf_counter()
-            with autocast(device, cfg.solver.amp), products:
-                loss = sum(model(images, targets).values())
-            with products:
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(models[name], optimizers[name], images, targets, cfg.solver, products)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     out = {name: {"median_s": float(np.median(t)), "iqr_s": float(np.subtract(*np.percentile(t, [75, 25]))), "steps": len(t)}

@@ -66,9 +66,10 @@ def smoke_batch():
 
 @pytest.mark.parametrize("name", ["istr", "maskrcnn"])
 def test_train_step_smoke(benchmark, smoke_batch, name):
+    from baselines.latency import train_step
     from baselines.maskrcnn import build_maskrcnn
+    from istr.engine.cpu_bf16 import bf16_products_in_fp32
     from istr.engine.schedule import build_optimizer
-    from istr.engine.train import autocast
     from istr.models import build_model
 
     cfg, (images, targets) = smoke_batch
@@ -76,15 +77,10 @@ def test_train_step_smoke(benchmark, smoke_batch, name):
     model = (build_model(cfg.model) if name == "istr"
              else build_maskrcnn(cfg.model, anchor_scale=cfg.data.min_size_test / 800)).train()
     optimizer = build_optimizer(model, cfg.solver)
+    products = bf16_products_in_fp32(cfg.solver.amp, "cpu")  # as the smoke jobs run on a CPU without native bf16
 
     def step():
-        with autocast(torch.device("cpu"), cfg.solver.amp):
-            loss = sum(model(images, targets).values())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.solver.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return train_step(model, optimizer, images, targets, cfg.solver, products)
 
     benchmark.extra_info.update(scale="smoke", amp=cfg.solver.amp, batch=cfg.solver.batch_size)
     assert torch.isfinite(benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1))

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from istr.engine import distributed
 from istr.engine.cpu_bf16 import bf16_products_in_fp32
+from istr.engine.precision import autocast
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 TASKS = {"segm": "mask", "bbox": "box"}
@@ -120,8 +121,7 @@ def predict(model: nn.Module, dataset: Dataset, label_to_category_id: Sequence[i
     for images, targets in loader:
         images = [image.to(device) for image in images]
         sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        with torch.autocast(device.type, dtype=dtype, enabled=amp != "none"), products:
+        with autocast(device, amp), products:
             if all_stages:
                 stages = model(images, all_stages=True, output_sizes=sizes)
             else:

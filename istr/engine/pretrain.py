@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from istr.config import Config, to_dict
 from istr.engine.cpu_bf16 import bf16_products_in_fp32
+from istr.engine.precision import autocast
 
 log = logging.getLogger("istr.run.pretrain")  # a child of the job logger: console + log.txt
 
@@ -97,7 +98,8 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
     targets = torch.where(labels < 0, torch.full_like(labels, num_classes), labels).to(device)
     net.train()
     start, correct, seen = time.time(), 0, 0
-    products = bf16_products_in_fp32(cfg.solver.amp, device)  # entered for each forward and backward
+    amp = "bf16" if cfg.solver.amp == "bf16" else "none"  # an fp16 job's trunk trains in fp32: no loss scaler here
+    products = bf16_products_in_fp32(amp, device)  # entered for each forward and backward
     for step in tqdm(range(total), desc="pretrain", unit="it", mininterval=2):
         index = torch.randint(len(crops), (cfg.pretrain.batch_size,), generator=generator)
         x = crops[index].float()
@@ -105,7 +107,7 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
         x[flip] = x[flip].flip(-1)
         x, index = x.to(device, non_blocking=True), index.to(device)
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.solver.amp == "bf16"), products:
+        with autocast(device, amp), products:
             logits = net(x)
         loss = F.cross_entropy(logits.float(), targets[index])
         optimizer.zero_grad(set_to_none=True)

@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from istr.config import Config, ConfigError, to_dict
+from istr.config import Config, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import FINAL, LAST, CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from istr.engine.cpu_bf16 import bf16_products_in_fp32
+from istr.engine.precision import autocast
 from istr.engine.profiling import StepProfiler
 from istr.engine.sampling import IterationBatchSampler, SeededDataset
 from istr.engine.schedule import build_optimizer, build_scheduler
@@ -44,14 +45,6 @@ class TrainResult:
 
 def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     return [item[0] for item in batch], [item[1] for item in batch]
-
-
-def autocast(device: torch.device, amp: str):
-    """The autocast context of ``solver.amp``: bf16 on CPU or CUDA, fp16 on CUDA only."""
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on CPU")
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
 
 
 def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
