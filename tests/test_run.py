@@ -46,14 +46,19 @@ def test_default_model_is_planned_once_for_all_of_table1(tmp_path):
     assert ("stages", "6", "box_AP") in shared[0].required and ("final", "mask_AP") in shared[0].required
 
 
-def test_dry_run_is_fast_lists_the_plan_and_writes_nothing(tmp_path):
+HEAVY_LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "pandas", "matplotlib", "pycocotools", "submitit")
+
+
+def test_dry_run_lists_the_plan_imports_no_heavy_library_and_writes_nothing(tmp_path):
+    """What keeps the dry run under its 2 s (benchmarks/test_run.py times it): the plan needs none of the heavy
+    libraries, whose imports alone take seconds. A fresh interpreter, as a user's command gets."""
     env = {**os.environ, "ISTR_RESULTS": str(tmp_path / "results")}
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "experiments.run", "all", "--dry-run", "--reports-dir", str(tmp_path / "r")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - start
+    code = ("import sys\nfrom experiments import run\n"
+            f"code = run.main(['all', '--dry-run', '--reports-dir', {str(tmp_path / 'r')!r}])\n"
+            f"print('loaded:', sorted(m for m in {HEAVY_LIBRARIES!r} if m in sys.modules))\nsys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert elapsed < 2.0, f"dry run took {elapsed:.2f} s"
+    assert "loaded: []" in out.stdout
     assert "plan: 24 job(s) at scale 'smoke', 0 cached, 24 to run" in out.stdout
     assert "table1a/l=60/seed0, table1b/cosine/seed0" in out.stdout
     assert list(tmp_path.iterdir()) == []
