@@ -44,6 +44,34 @@ def test_paste_equals_explicit_bilinear_sampling_at_pixel_centres():
         np.testing.assert_allclose(pasted[k, 0].numpy(), expected, atol=1e-5)
 
 
+def paste_box_by_box(masks, boxes, height, width):
+    """The paste as its definition reads: one grid_sample per box over that box's integer extent."""
+    out = torch.zeros(len(masks), 1, height, width)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        left, top = max(math.floor(x0), 0), max(math.floor(y0), 0)
+        right, bottom = min(math.ceil(x1), width), min(math.ceil(y1), height)
+        if right > left and bottom > top:
+            xs = (torch.arange(left, right, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+            ys = (torch.arange(top, bottom, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+            grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)
+            out[k, 0, top:bottom, left:right] = torch.nn.functional.grid_sample(masks[k][None, None], grid[None],
+                                                                                align_corners=False)[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("max_samples", [1 << 22, 700, 1])
+def test_batched_paste_equals_pasting_box_by_box_bit_for_bit(max_samples):
+    """Chunks of similar extents, one grid_sample each, whatever the chunk budget (1: one box a chunk)."""
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        count, height, width = 30, int(torch.randint(8, 70, (1,), generator=generator)), int(torch.randint(8, 90, (1,), generator=generator))
+        masks = torch.rand(count, 14, 14, generator=generator)
+        corner = torch.rand(count, 2, generator=generator) * torch.tensor([width * 1.2, height * 1.2]) - 5
+        boxes = torch.cat([corner, corner + 0.3 + torch.rand(count, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])], 1)
+        assert torch.equal(paste_masks(masks, boxes, (height, width), max_samples=max_samples),
+                           paste_box_by_box(masks, boxes, height, width))
+
+
 def test_pixels_outside_the_box_extent_are_zero_and_empty_boxes_paste_nothing():
     masks = torch.ones(2, 28, 28)
     boxes = torch.tensor([[4.0, 3.0, 10.0, 8.0], [30.0, 5.0, 40.0, 9.0]])  # the second lies right of the image
