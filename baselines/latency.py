@@ -37,8 +37,8 @@ from baselines.maskrcnn import build_maskrcnn
 from istr.config import Config, ConfigError, SolverConfig, build_config
 from istr.engine.checkpoint import atomic_write_json, atomic_write_text
 from istr.engine.cpu_bf16 import bf16_products_in_fp32, fp32_products_note
-from istr.engine.precision import autocast
 from istr.engine.latency import LatencyCase, LatencyResult, describe_environment, measure_latency
+from istr.engine.precision import autocast
 from istr.models import build_model
 from istr.models.fast import optimize_for_inference
 
