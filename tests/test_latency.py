@@ -208,6 +208,13 @@ def test_two_cpus_of_one_model_name_are_two_sections(tmp_path):
     assert "## Training step (smoke scale): AMD EPYC (AVX2, no native bf16), 2 threads" in text
     assert "## Training step (smoke scale): AMD EPYC, 2 threads" in text
     assert "ISTR / Mask R-CNN: **0.45**" in text and "ISTR / Mask R-CNN: **0.53**" in text
+    # another AVX2 "AMD EPYC" on another day is its own section too, not the first one's tables under its heading
+    later = _job("cpu", None, 5700.0, 9000.0)
+    later["environment"].update(cpu="AMD EPYC", cpu_capability="AVX2", cpu_native_bf16=False, date="2026-12-07")
+    text = render_markdown([zen1, later])
+    assert "## AMD EPYC (AVX2, no native bf16), 2 threads\n" in text
+    assert "## AMD EPYC (AVX2, no native bf16), 2 threads, 2026-12-07\n" in text
+    assert text.count("| istr_fast/maskrcnn | 0.700 |") == 1 and text.count("| istr_fast/maskrcnn | 0.633 |") == 1
 
 
 def test_train_steps_time_both_models_under_the_asked_autocast(tmp_path, monkeypatch):

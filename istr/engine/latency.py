@@ -180,6 +180,7 @@ def describe_environment(device: torch.device | str = "cpu") -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the widest SIMD torch dispatches to
         "cpu_native_bf16": native_bf16(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "date": time.strftime("%Y-%m-%d"),  # cloud CPUs of one model name differ: the day tells two runs apart
     }
     if hasattr(os, "getloadavg"):
         env["load_average_1m"] = round(os.getloadavg()[0], 2)
