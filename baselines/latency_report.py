@@ -15,11 +15,11 @@ _PAPER_LABELS = {("istr", "resnet50"): "ISTR R50", ("maskrcnn", "resnet50"): "Ma
 
 def _machine(job: dict[str, Any]) -> str:
     env = job["environment"]
+    measured = f", {env['date']}" if env.get("date") else ""  # absent before 2026-12-07
     if env.get("gpu"):
-        return env["gpu"] + (f", {env['date']}" if env.get("date") else "")
+        return env["gpu"] + measured
     simd = env.get("cpu_capability")  # absent before 2026-12-06; two CPUs of one model name differ by it
     bf16 = ", no native bf16" if env.get("cpu_native_bf16") is False else ""
-    measured = f", {env['date']}" if env.get("date") else ""  # absent before 2026-12-07
     return f"{env['cpu']}{f' ({simd}{bf16})' if simd else ''}, {env['threads']} threads{measured}"
 
 
