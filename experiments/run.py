@@ -19,7 +19,8 @@ the five parts of Table 1 and Figure 3, runs once per seed. A trained job whose 
 evaluation protocol (istr.config.EVAL_PROTOCOL) is "stale": it is evaluated again, not retrained. After the runs every selected entry is
 aggregated and reported (reports/<name>.md at smoke scale, reports/<name>-<scale>.md otherwise).
 Exit status: 0 all jobs complete, 1 a job failed, 2 bad input (nothing written), 130 / 143 stopped by Ctrl-C /
-SIGTERM (the job's attempt is recorded as stopped; the same command resumes it from its last checkpoint).
+SIGTERM (the running job saves its last completed iteration and its attempt is recorded as stopped; the same
+command resumes it from there).
 """
 from __future__ import annotations
 
@@ -183,7 +184,8 @@ def _is_override(token: str) -> bool:
 
 def _exit_on_sigterm(signum, frame):
     """SIGTERM (kill, a closing terminal session) unwinds like Ctrl-C: the running job records its attempt as
-    stopped, with its wall time, and its lock is released; training resumes from the last checkpoint next time."""
+    stopped, with its wall time, and its lock is released; the training loop saves its last completed iteration
+    as it unwinds, and the next run resumes from there."""
     raise SystemExit(128 + signum)
 
 

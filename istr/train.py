@@ -12,13 +12,17 @@ Examples::
     python -m istr.train --scale smoke --output-dir runs/smoke --profile 10
     torchrun --nproc_per_node 2 -m istr.train --scale tiny --output-dir runs/ddp
 
+Ctrl-C or SIGTERM stops the run after saving a checkpoint at the last completed iteration; the same command
+resumes from there.
+
 Exit status: 0 done, 1 training diverged (NaN/inf loss; the last good checkpoint is kept),
-2 bad input (config key or value, dataset, checkpoint).
+2 bad input (config key or value, dataset, checkpoint), 130 stopped by Ctrl-C, 143 stopped by SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,6 +31,10 @@ from istr.config import PRESETS, Config, ConfigError, apply_overrides, build_con
 from istr.dataclass_tree import flatten
 
 EXIT_DIVERGED, EXIT_BAD_INPUT = 1, 2
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the training loop, which saves where it stopped
 
 
 def resolve_config(scale: Optional[str], config_file: Optional[str], overrides: list[str]) -> Config:
@@ -64,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from istr.engine.job import train_and_evaluate
     from istr.engine.train import NonFiniteLossError
 
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.profile < 0:
             raise ConfigError(f"--profile: expected a positive number of iterations, got {args.profile}")
@@ -75,7 +84,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
+    except (KeyboardInterrupt, SystemExit) as err:
+        print("stopped; the same command resumes the run", file=sys.stderr)
+        if isinstance(err, SystemExit):
+            raise
+        return 128 + signal.SIGINT
     finally:
+        signal.signal(signal.SIGTERM, previous)
         distributed.cleanup()
     if metrics and distributed.env_info().is_main:
         print(json.dumps(metrics["final"], indent=1))

@@ -97,6 +97,32 @@ def test_kill9_then_same_command_resumes_to_the_same_result(tmp_path, cache, ful
     assert "is complete" in again.stdout and json.loads((run / "metrics.json").read_text()) == resumed
 
 
+def test_sigterm_saves_where_the_run_stopped_and_the_same_command_resumes_it(tmp_path, cache, full_run):
+    run = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "istr.train", "--output-dir", str(run), *RESUMABLE, f"data.cache_dir={cache}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    logged = lambda: len((run / "metrics.jsonl").read_text().splitlines()) if (run / "metrics.jsonl").exists() else 0  # noqa: E731
+    deadline = time.time() + 240
+    while logged() < 4 and proc.poll() is None and time.time() < deadline:  # past the periodic checkpoint at 3
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped; the same command resumes the run" in stderr
+    assert not (run / "metrics.json").exists(), "the run finished before it could be stopped"
+    stopped_at = torch.load(run / "checkpoints" / "last.pth", weights_only=False)["iteration"]
+    # the last completed iteration; the periodic checkpoint at 3 only when the signal landed inside a parameter
+    # update (tests/test_engine_train.py covers each case without a race)
+    assert stopped_at < 9 and (stopped_at >= logged() or stopped_at == 3), (stopped_at, logged())
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+    out = cli("istr.train", "--output-dir", str(run), *RESUMABLE, cache=cache)
+    assert f"at iteration {stopped_at}" in out.stdout
+    full, resumed = (json.loads((d / "metrics.json").read_text()) for d in (full_run, run))
+    assert resumed["stages"] == full["stages"]
+    assert same_weights(run / "checkpoints" / "final.pth", full_run / "checkpoints" / "final.pth")
+
+
 def test_result_of_an_older_eval_protocol_is_evaluated_again_not_retrained(tmp_path, cache, full_run):
     run = tmp_path / "stale"
     shutil.copytree(full_run, run)

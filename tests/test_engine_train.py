@@ -125,6 +125,89 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [LAST]  # no .tmp, no final
 
 
+class StopAt(FakeDetector):
+    """Raises ``stop`` (KeyboardInterrupt: Ctrl-C; SystemExit: SIGTERM as the entry points turn it) in the forward
+    of its ``at``-th training call, i.e. in the middle of iteration ``at``."""
+
+    def __init__(self, at=None, stop=KeyboardInterrupt):
+        torch.manual_seed(0)  # the same initial weights as FakeDetector built by run()
+        super().__init__()
+        self.at, self.stop, self.calls = at, stop, 0
+
+    def forward(self, images, targets=None, **kw):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise self.stop()
+        return super().forward(images, targets, **kw)
+
+
+def same_run(a, b, dir_a, dir_b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]  # noqa: E731
+    assert untimed(read_jsonl(dir_b / "metrics.jsonl")) == untimed(read_jsonl(dir_a / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_stop_saves_the_last_completed_iteration_and_resumes_exactly(tmp_path, stop, caplog):
+    full = run(tmp_path / "full", tiny_cfg(), model=StopAt())
+    with pytest.raises(stop), caplog.at_level(logging.INFO, logger="test"):
+        run(tmp_path / "stopped", tiny_cfg(), model=StopAt(at=5, stop=stop))
+    # iteration 5 was under way: 4 are complete, one more than the periodic checkpoint at 3
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / LAST)["iteration"] == 4
+    assert "stopped after iteration 4" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == [LAST]
+    resumed = run(tmp_path / "stopped", tiny_cfg(), model=StopAt())
+    same_run(full, resumed, tmp_path / "full", tmp_path / "stopped")
+
+
+def test_a_stop_inside_the_parameter_update_keeps_the_periodic_checkpoint(tmp_path, monkeypatch):
+    import istr.engine.train as engine
+
+    real_step = engine._optimizer_step
+
+    def step_then_stop(optimizer, scaler, params, clip, iteration, values):
+        real_step(optimizer, scaler, params, clip, iteration, values)
+        if iteration + 1 == 5:  # parameters already moved, the lr step not taken: no consistent state to save
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_optimizer_step", step_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "stopped", tiny_cfg(), model=StopAt())
+    monkeypatch.setattr(engine, "_optimizer_step", real_step)
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / LAST)["iteration"] == 3
+    same_run(run(tmp_path / "full", tiny_cfg(), model=StopAt()), run(tmp_path / "stopped", tiny_cfg(), model=StopAt()),
+             tmp_path / "full", tmp_path / "stopped")
+
+
+@pytest.mark.parametrize("eval_period, saved_at", [(2, 4), (3, 3)])
+def test_a_stop_during_a_learning_curve_point_evaluates_it_on_resuming(tmp_path, eval_period, saved_at):
+    """Checkpoints every 3 iterations. eval_period 2: stopped during the point at 4, the stop saves iteration 4;
+    eval_period 3: stopped during the point at 3, the periodic checkpoint written just before it is the resume point.
+    Either way the resumed run evaluates that point first and the curve equals an uninterrupted run's."""
+    def curve_metrics(stop_at=None):
+        calls = []
+
+        def evaluate(model):
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return {"stages": {"1": {"mask_AP": float(sum(p.sum() for p in model.parameters()))}}}
+        return evaluate
+
+    cfg = tiny_cfg(**{"solver.eval_period": eval_period})
+    full = run(tmp_path / "full", cfg, model=StopAt(), periodic_eval=curve_metrics())
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "stopped", cfg, model=StopAt(), periodic_eval=curve_metrics(stop_at=2 if eval_period == 2 else 1))
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / LAST)["iteration"] == saved_at
+    resumed = run(tmp_path / "stopped", cfg, model=StopAt(), periodic_eval=curve_metrics())
+    same_run(full, resumed, tmp_path / "full", tmp_path / "stopped")
+    points = lambda d: [(r["iteration"], r["stages"]) for r in read_jsonl(d / "learning_curve.jsonl")]  # noqa: E731
+    assert points(tmp_path / "stopped") == points(tmp_path / "full")
+    assert [i for i, _ in points(tmp_path / "full")] == list(range(eval_period, 7, eval_period))
+
+
 def test_atomic_save_keeps_old_file_on_failure_and_corrupt_file_is_named(tmp_path):
     path = tmp_path / "ck.pth"
     atomic_save({"model": {"w": torch.ones(2)}}, path)

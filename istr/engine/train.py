@@ -4,6 +4,11 @@ One iteration: a global batch of ``cfg.solver.batch_size`` images split over the
 already-weighted loss terms summed, backward (DDP averages gradients; the criterion normalises by the
 all-reduced GT count, so the sum equals the one-process loss), full-model grad-norm clipping, AdamW,
 lr schedule. A non-finite loss stops the run before the optimizer step (the last checkpoint stays good).
+
+Stopping: Ctrl-C, or SIGTERM where the entry point turns it into SystemExit (``istr.train``, ``experiments.run``,
+submitit's preemption handler), saves ``checkpoints/last.pth`` at the last completed iteration before the
+exception goes on, so the same command resumes where the run stopped rather than at the last periodic checkpoint.
+Only a stop inside the parameter update itself (clipping, optimizer and lr steps) falls back to that one.
 """
 from __future__ import annotations
 
@@ -97,6 +102,11 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp
 PeriodicEval = Callable[[nn.Module], dict[str, Any]]  # model -> {"stages": {"1": {metric: value}, ...}}
 
 
+def _curve_has(curve: Path, iteration: int) -> bool:
+    return curve.exists() and any(json.loads(line).get("iteration") == iteration
+                                  for line in curve.read_text().splitlines() if line.strip())
+
+
 def _evaluate_now(model: nn.Module, periodic_eval: PeriodicEval, curve: Optional[Path], iteration: int,
                   train_time: float, log: logging.Logger) -> None:
     """One learning-curve point; the model goes back to training mode afterwards."""
@@ -166,6 +176,18 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
         _truncate_jsonl(curve, start_iter)
     # what a checkpoint alone needs to rebuild and evaluate its model
     identity = {"config": to_dict(cfg), "label_to_category_id": list(getattr(dataset, "label_to_category_id", []))}
+
+    def save_last(iteration: int, rng: list, elapsed: float) -> None:
+        atomic_save({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "iteration": iteration, "train_time_s": elapsed, "rng": rng}, ckpt_dir / LAST)
+
+    def eval_due(done: int) -> bool:
+        return bool(writing and periodic_eval and solver.eval_period > 0 and done % solver.eval_period == 0)
+
+    # a run stopped during a learning-curve point resumes from the checkpoint written just before it: evaluate it now
+    if start_iter > 0 and eval_due(start_iter) and distributed.broadcast_object(is_main and not _curve_has(curve, start_iter)):
+        _evaluate_now(model, periodic_eval, curve if is_main else None, start_iter, train_time, log)
     if start_iter >= end_iter:  # finished before (killed during evaluation, say)
         if is_main and not (ckpt_dir / FINAL).exists():
             atomic_save({**identity, "model": model.state_dict(), "iteration": start_iter}, ckpt_dir / FINAL)
@@ -190,6 +212,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     def timed(name: str):
         return profiler.section(name) if profiler else contextlib.nullcontext()
 
+    # the last completed iteration, this rank's RNG state and the training time then: what a stop saves
+    completed, updating, saved = (start_iter, rng_state(), train_time), False, start_iter
     try:
         for iteration in range(start_iter, end_iter):
             if profiler and iteration == start_iter + 1:
@@ -208,12 +232,15 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
                 (scaler.scale(total) if scaler else total).backward()
             lr = optimizer.param_groups[0]["lr"]
             with timed("optimizer"):
+                updating = True
                 _optimizer_step(optimizer, scaler, params, solver.clip_grad_norm, iteration, values)
                 scheduler.step()
+                done = iteration + 1
+                train_time += time.perf_counter() - step_start
+                completed = (done, rng_state(), train_time)
+                updating = False
             if profiler:
                 profiler.step()
-            done = iteration + 1
-            train_time += time.perf_counter() - step_start
             window_data, window_iters = window_data + data_time, window_iters + 1
             progress.update(1)
             if writing and (done % solver.log_period == 0 or done == end_iter):
@@ -227,15 +254,22 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
                     log.info("iter %d/%d  loss %.4f  lr %.3g  %.3f s/it", done, end_iter, values["loss"], lr,
                              record["time_s"])
                 window_start, window_data, window_iters = time.perf_counter(), 0.0, 0
-            if writing and periodic_eval and solver.eval_period > 0 and done % solver.eval_period == 0:
-                _evaluate_now(model, periodic_eval, curve if is_main else None, done, train_time, log)
             if writing and (done % solver.checkpoint_period == 0 or done == end_iter):
+                # before the learning-curve point (see the resume above)
                 states = distributed.all_gather_objects(rng_state())
                 if is_main:
-                    atomic_save({**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                                 "iteration": done, "train_time_s": train_time, "rng": states}, ckpt_dir / LAST)
+                    save_last(done, states, train_time)
+                    saved = done
                 distributed.barrier()
+            if eval_due(done):
+                _evaluate_now(model, periodic_eval, curve if is_main else None, done, train_time, log)
+    except (KeyboardInterrupt, SystemExit):
+        if writing and is_main and not updating and completed[0] > saved:
+            # other ranks' RNG states are not known here: with several processes the resume draws fresh streams
+            save_last(completed[0], [completed[1]] if world == 1 else [], completed[2])
+            log.info("stopped after iteration %d: saved %s; the same command resumes from there",
+                     completed[0], ckpt_dir / LAST)
+        raise
     finally:
         progress.close()
         if profiler:
