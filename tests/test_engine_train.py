@@ -127,14 +127,17 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
 
 class StopAt(FakeDetector):
     """Raises ``stop`` (KeyboardInterrupt: Ctrl-C; SystemExit: SIGTERM as the entry points turn it) in the forward
-    of its ``at``-th training call, i.e. in the middle of iteration ``at``."""
+    of its ``at``-th training call, i.e. in the middle of iteration ``at``, after a BatchNorm over the images has
+    moved its running statistics."""
 
     def __init__(self, at=None, stop=KeyboardInterrupt):
-        torch.manual_seed(0)  # the same initial weights as FakeDetector built by run()
+        torch.manual_seed(0)
         super().__init__()
+        self.norm = torch.nn.BatchNorm2d(3)
         self.at, self.stop, self.calls = at, stop, 0
 
     def forward(self, images, targets=None, **kw):
+        images = list(self.norm(torch.stack(images).float()) * 50 + 128)
         if self.training:
             self.calls += 1
             if self.calls == self.at:

@@ -1,6 +1,7 @@
 """Backbone pretraining: crops, a classifier that learns, one cached weights file loadable by the detector."""
 import os
 
+import pytest
 import torch
 import torchvision
 
@@ -77,3 +78,35 @@ def test_pretrained_weights_are_cached_and_load_into_the_detector(tmp_path):
 def test_training_seeds_share_one_pretrained_trunk(tmp_path):
     cfg = _tiny_cfg(tmp_path)
     assert ensure_pretrained_backbone(cfg) == ensure_pretrained_backbone(_tiny_cfg(tmp_path, seed=cfg.seed + 1))
+
+
+def test_a_stopped_pretraining_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """Stopped in the forward of iteration 7 (after the periodic save at 5): the stop saves iteration 6, the next
+    call continues from it and ends with the weights of an uninterrupted run; the state file goes once done."""
+    import istr.engine.pretrain as pretrain
+
+    monkeypatch.setattr(pretrain, "CHECKPOINT_PERIOD", 5)
+    generator = torch.Generator().manual_seed(0)
+    crops = torch.cat([_stripes(8, False, generator), _stripes(8, True, generator)])
+    labels = torch.cat([torch.zeros(8), -torch.ones(8)]).long()
+    cfg = build_config("tiny", {"pretrain.max_iter": 9, "pretrain.batch_size": 4, "pretrain.lr": 1e-3})
+    full = train_classifier(cfg, crops, labels, num_classes=1)
+
+    real_cross_entropy, calls = pretrain.F.cross_entropy, []
+
+    def stop_at_seventh(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_cross_entropy(*args, **kwargs)
+
+    state_path = tmp_path / "train_state.pth"
+    monkeypatch.setattr(pretrain.F, "cross_entropy", stop_at_seventh)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(cfg, crops, labels, num_classes=1, state_path=state_path)
+    monkeypatch.setattr(pretrain.F, "cross_entropy", real_cross_entropy)
+    assert torch.load(state_path, weights_only=False)["iteration"] == 6
+    resumed = train_classifier(cfg, crops, labels, num_classes=1, state_path=state_path)
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name

@@ -70,6 +70,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def buffer_snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of ``module``'s buffers. A training forward moves some of them (BatchNorm's running statistics), so a
+    stop in the middle of an iteration restores the copies taken when the last one completed before saving."""
+    return [b.detach().clone() for b in module.buffers()]
+
+
+@torch.no_grad()
+def restore_buffers(module: torch.nn.Module, snapshot: list[torch.Tensor]) -> None:
+    for buffer, saved in zip(module.buffers(), snapshot):
+        buffer.copy_(saved)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's python, numpy, torch (and CUDA) generator states."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -6,7 +6,8 @@ with some context, resized to ``crop_size``) into the dataset's categories plus 
 drawn from crops that overlap no object. Only the ResNet trunk is kept; it is saved as a torchvision
 ResNet state dict and loaded by the detector exactly like any local weights file
 (``model.backbone.weights``). The result is cached by a hash of everything it depends on, so every
-variant of a table shares one pretraining run.
+variant of a table shares one pretraining run. A stopped pretraining resumes: its state is saved every
+``CHECKPOINT_PERIOD`` iterations and, on Ctrl-C or SIGTERM, at the last completed one.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from torchvision.ops import box_iou, roi_align
 from tqdm import tqdm
 
 from istr.config import Config, to_dict
+from istr.engine.checkpoint import atomic_save, buffer_snapshot, load_checkpoint, restore_buffers
 from istr.engine.cpu_bf16 import bf16_products_in_fp32
 from istr.engine.precision import autocast
 
@@ -32,6 +35,7 @@ log = logging.getLogger("istr.run.pretrain")  # a child of the job logger: conso
 
 CROP_SIZE = 64
 CONTEXT = 1.2  # crop = box enlarged by this factor around its centre
+CHECKPOINT_PERIOD = 250  # iterations between saved training states (~3 min at smoke on a 2-core CPU)
 
 
 def pretrain_key(cfg: Config, train_dataset) -> str:
@@ -81,10 +85,14 @@ def collect_crops(dataset, generator: torch.Generator, background_per_image: int
 
 
 def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                     device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
+                     device: torch.device = torch.device("cpu"), state_path: Optional[Path] = None) -> dict[str, torch.Tensor]:
     """Train ``cfg.model.backbone.name`` on the crops on ``device``; return the trunk's state dict (no ``fc``),
     on the CPU. ``labels`` of -1 (background) become class ``num_classes``. The crops stay on the CPU and the
     random draws on a CPU generator, so the batches are the same on every device.
+
+    With ``state_path`` the training state (network, optimizer, schedule, generator) is saved there every
+    ``CHECKPOINT_PERIOD`` iterations and when Ctrl-C or SIGTERM stops it, and a call that finds it continues
+    from it: the same weights as an uninterrupted run.
     """
     generator = torch.Generator().manual_seed(cfg.pretrain.seed)
     torch.manual_seed(cfg.pretrain.seed)
@@ -96,30 +104,58 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
     mean = torch.tensor(cfg.model.pixel_mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.model.pixel_std, device=device).view(1, 3, 1, 1)
     targets = torch.where(labels < 0, torch.full_like(labels, num_classes), labels).to(device)
+    first = 0
+    if state_path is not None and state_path.exists():
+        state = load_checkpoint(state_path, map_location=device)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        first = int(state["iteration"])
+        log.info("pretrain: resumed from %s at iteration %d", state_path, first)
+
+    def save(iteration: int, generator_state: torch.Tensor) -> None:
+        atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "generator": generator_state, "iteration": iteration}, state_path)
+
     net.train()
     start, correct, seen = time.time(), 0, 0
     amp = "bf16" if cfg.solver.amp == "bf16" else "none"  # an fp16 job's trunk trains in fp32: no loss scaler here
     products = bf16_products_in_fp32(amp, device)  # entered for each forward and backward
-    for step in tqdm(range(total), desc="pretrain", unit="it", mininterval=2):
-        index = torch.randint(len(crops), (cfg.pretrain.batch_size,), generator=generator)
-        x = crops[index].float()
-        flip = torch.rand(len(x), generator=generator) < 0.5
-        x[flip] = x[flip].flip(-1)
-        x, index = x.to(device, non_blocking=True), index.to(device)
-        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp), products:
-            logits = net(x)
-        loss = F.cross_entropy(logits.float(), targets[index])
-        optimizer.zero_grad(set_to_none=True)
-        with products:
-            loss.backward()
-        optimizer.step()
-        schedule.step()
-        correct = correct + (logits.argmax(1) == targets[index]).sum()  # a tensor: no device sync per step
-        seen += len(x)
-        if (step + 1) % 50 == 0 or step + 1 == total:
-            log.info("pretrain %d/%d loss %.3f acc %.3f (%.1f s)", step + 1, total, loss.item(), int(correct) / seen, time.time() - start)
-            correct, seen = 0, 0
+    completed, updating = (first, generator.get_state(), buffer_snapshot(net)), False  # what a stop saves
+    try:
+        for step in tqdm(range(first, total), initial=first, total=total, desc="pretrain", unit="it", mininterval=2):
+            index = torch.randint(len(crops), (cfg.pretrain.batch_size,), generator=generator)
+            x = crops[index].float()
+            flip = torch.rand(len(x), generator=generator) < 0.5
+            x[flip] = x[flip].flip(-1)
+            x, index = x.to(device, non_blocking=True), index.to(device)
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp), products:
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            with products:
+                loss.backward()
+            updating = True
+            optimizer.step()
+            schedule.step()
+            completed = (step + 1, generator.get_state(), buffer_snapshot(net))
+            updating = False
+            correct = correct + (logits.argmax(1) == targets[index]).sum()  # a tensor: no device sync per step
+            seen += len(x)
+            if (step + 1) % 50 == 0 or step + 1 == total:
+                log.info("pretrain %d/%d loss %.3f acc %.3f (%.1f s)", step + 1, total, loss.item(), int(correct) / seen, time.time() - start)
+                correct, seen = 0, 0
+            if state_path is not None and (step + 1) % CHECKPOINT_PERIOD == 0 and step + 1 < total:
+                save(*completed[:2])
+    except (KeyboardInterrupt, SystemExit):
+        if state_path is not None and not updating and completed[0] > first:
+            restore_buffers(net, completed[2])  # the stopped forward moved BatchNorm's running statistics
+            save(*completed[:2])
+            log.info("pretrain: stopped after iteration %d, saved %s; the same command resumes from there",
+                     completed[0], state_path)
+        raise
     return {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
 
@@ -145,10 +181,11 @@ def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
         crops, labels = collect_crops(train_dataset, torch.Generator().manual_seed(cfg.pretrain.seed))
         num_classes = int(train_dataset.num_classes)
         log.info("pretrain: %d crops (%d background) from %d images", len(crops), int((labels < 0).sum()), len(train_dataset))
-        state = train_classifier(cfg, crops, labels, num_classes, resolve_device(cfg))
+        state = train_classifier(cfg, crops, labels, num_classes, resolve_device(cfg), out_dir / "train_state.pth")
         tmp = weights.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, weights)
+        (out_dir / "train_state.pth").unlink(missing_ok=True)
         info = {"crops": len(crops), "iterations": cfg.pretrain.max_iter, "seconds": round(time.time() - start, 1)}
         (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return str(weights)

@@ -7,8 +7,9 @@ lr schedule. A non-finite loss stops the run before the optimizer step (the last
 
 Stopping: Ctrl-C, or SIGTERM where the entry point turns it into SystemExit (``istr.train``, ``experiments.run``,
 submitit's preemption handler), saves ``checkpoints/last.pth`` at the last completed iteration before the
-exception goes on, so the same command resumes where the run stopped rather than at the last periodic checkpoint.
-Only a stop inside the parameter update itself (clipping, optimizer and lr steps) falls back to that one.
+exception goes on (with the RNG states and buffers, e.g. BatchNorm statistics, as that iteration left them), so
+the same command resumes where the run stopped rather than at the last periodic checkpoint. Only a stop inside the
+parameter update itself (clipping, optimizer and lr steps) falls back to that one.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from tqdm import tqdm
 
 from istr.config import Config, to_dict
 from istr.engine import distributed
-from istr.engine.checkpoint import FINAL, LAST, CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from istr.engine.checkpoint import (FINAL, LAST, CheckpointError, atomic_save, atomic_write_text, buffer_snapshot,
+                                    load_checkpoint, restore_buffers, rng_state, set_rng_state)
 from istr.engine.cpu_bf16 import bf16_products_in_fp32
 from istr.engine.precision import autocast
 from istr.engine.profiling import StepProfiler
@@ -212,8 +214,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
     def timed(name: str):
         return profiler.section(name) if profiler else contextlib.nullcontext()
 
-    # the last completed iteration, this rank's RNG state and the training time then: what a stop saves
-    completed, updating, saved = (start_iter, rng_state(), train_time), False, start_iter
+    # the last completed iteration, this rank's RNG state, the training time and the buffers then: what a stop saves
+    completed, updating, saved = (start_iter, rng_state(), train_time, buffer_snapshot(model)), False, start_iter
     try:
         for iteration in range(start_iter, end_iter):
             if profiler and iteration == start_iter + 1:
@@ -237,7 +239,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
                 scheduler.step()
                 done = iteration + 1
                 train_time += time.perf_counter() - step_start
-                completed = (done, rng_state(), train_time)
+                completed = (done, rng_state(), train_time, buffer_snapshot(model))
                 updating = False
             if profiler:
                 profiler.step()
@@ -265,6 +267,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
                 _evaluate_now(model, periodic_eval, curve if is_main else None, done, train_time, log)
     except (KeyboardInterrupt, SystemExit):
         if writing and is_main and not updating and completed[0] > saved:
+            restore_buffers(model, completed[3])
             # other ranks' RNG states are not known here: with several processes the resume draws fresh streams
             save_last(completed[0], [completed[1]] if world == 1 else [], completed[2])
             log.info("stopped after iteration %d: saved %s; the same command resumes from there",
