@@ -231,10 +231,11 @@ def measure(cfg: Config, options: dict[str, Any], log=print) -> dict[str, Any]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list[Tensor],
-               targets: list[dict[str, Any]], solver: SolverConfig, products: ContextManager) -> Tensor:
+               targets: list[dict[str, Any]], solver: SolverConfig, products: ContextManager,
+               device_type: str = "cpu") -> Tensor:
     """One timed training iteration: forward under ``solver.amp`` and ``products`` (from ``bf16_products_in_fp32``),
     backward, full-model gradient clipping, optimizer step. Returns the detached loss."""
-    with autocast("cpu", solver.amp), products:
+    with autocast(device_type, solver.amp), products:
         loss = sum(model(images, targets).values())
     with products:
         loss.backward()

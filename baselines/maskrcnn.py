@@ -129,7 +129,9 @@ def train_and_evaluate(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
     """
     from istr.engine import job
 
-    def build(resolved: Config, train_ds: Any, log: Any) -> MaskRCNN:
-        return build_maskrcnn(resolved.model, anchor_scale=resolved.data.min_size_test / 800)
-
     return job.train_and_evaluate(cfg, output_dir, build=build, all_stages=True)
+
+
+def build(cfg: Config, train_ds: Any, log: Any) -> MaskRCNN:
+    """The runner's model factory (``istr.engine.job.ModelFactory``): Mask R-CNN with anchors scaled to the test size."""
+    return build_maskrcnn(cfg.model, anchor_scale=cfg.data.min_size_test / 800)

@@ -6,6 +6,8 @@
                                --slurm-folder: see experiments/slurm_executor.py, slurm/README.md)
     --status                   show each job's state (its SLURM job and log, once submitted) and stop
     --dry-run                  print the plan (jobs, hashes, cached or not, resources) and stop
+    --estimate                 also time a few iterations of each job to run on this machine and print how long
+                               the plan would take here (then stop; ~15-30 s per distinct job at smoke)
     --list                     list the entries and their variants
     --seeds N                  N seeds per variant (seed i sets cfg.seed += i); default: the scale's
                                (smoke: 1 per variant, 3 for each entry's default variant)
@@ -201,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="debug (in this process), local (submitit's local executor, the default) or slurm")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (jobs, hashes, cached or not, resources) and run nothing")
+    parser.add_argument("--estimate", action="store_true",
+                        help="time a few training iterations and val images of each job to run, on this machine, print "
+                             "how long the plan would take here, and run nothing (seconds per distinct job)")
     parser.add_argument("--list", action="store_true", help="list the experiments and their variants")
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per variant (default: the registry's; the default variant gets at least 3 at smoke)")
@@ -243,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if note := random_init_note(planned):
         print(note, file=sys.stderr)
     if args.dry_run:
+        return 0
+    if args.estimate:
+        from experiments import estimate
+
+        print(estimate.describe(planned, args.executor, log=lambda line: print(line, file=sys.stderr)))
         return 0
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

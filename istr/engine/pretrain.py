@@ -159,6 +159,11 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
     return {k: v.cpu() for k, v in net.state_dict().items() if not k.startswith("fc.")}
 
 
+def pretrained_backbone_path(cfg: Config, train_dataset) -> Path:
+    """Where the trunk of ``cfg`` pretrained on ``train_dataset`` is cached (it may not exist yet)."""
+    return Path(cfg.data.cache_dir) / f"pretrain-{pretrain_key(cfg, train_dataset)}" / "backbone.pth"
+
+
 def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
     """Path of the pretrained trunk for ``cfg``; trains it once when it is not cached.
 
@@ -171,8 +176,8 @@ def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
         from istr.data import build_datasets
 
         train_dataset, _ = build_datasets(cfg, train_transforms=False)
-    out_dir = Path(cfg.data.cache_dir) / f"pretrain-{pretrain_key(cfg, train_dataset)}"
-    weights = out_dir / "backbone.pth"
+    weights = pretrained_backbone_path(cfg, train_dataset)
+    out_dir = weights.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir / ".lock")):
         if weights.exists():
