@@ -172,6 +172,15 @@ def training_progress(job: PlannedJob) -> str:
     return f"iteration {done}/{total}, {per_it:.2f} s/it, ~{max(0, total - done) * per_it / 60:.0f} min of training to go"
 
 
+def job_progress(job: PlannedJob) -> str:
+    """How far a job that is not complete got: the status its last attempt recorded and its training progress."""
+    record = store.read_json(job.directory / "run.json")
+    parts = [f"run.json: {record['status']}"] if isinstance(record, dict) and record.get("status") else []
+    if line := training_progress(job):
+        parts.append(line)
+    return "; ".join(parts)
+
+
 def report_path_stem(name: str, scale: str) -> str:
     return name if scale == "smoke" else f"{name}-{scale}"
 
@@ -242,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.status:
-        slurm_executor.print_status(planned, slurm_executor.job_folder(args.slurm_folder, root / "_submitit"))
+        slurm_executor.print_status(planned, slurm_executor.job_folder(args.slurm_folder, root / "_submitit"),
+                                    progress=job_progress)
         return 0
     print_plan(planned, args.scale)
     if note := random_init_note(planned):

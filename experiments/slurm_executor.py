@@ -23,7 +23,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -310,8 +310,10 @@ class SlurmExecutor(Executor):
             return True  # SLURM not answering is no evidence; ask again at the next poll
 
 
-def print_status(planned: Sequence[Any], folder: str | Path, out=None) -> None:
-    """One line per planned job: complete, or the recorded SLURM job's state and log, or not submitted."""
+def print_status(planned: Sequence[Any], folder: str | Path, out=None,
+                 progress: Callable[[Any], str] = lambda job: "") -> None:
+    """One line per planned job: complete, or the recorded SLURM job's state and log, or not submitted; then what
+    ``progress(job)`` says of a job that is not complete (e.g. how far its training got)."""
     out = out or sys.stdout
     executor_records = {job.digest: store.read_json(Path(folder) / "jobs" / f"{job.digest}.json") for job in planned}
     ids = [r["job_id"] for r in executor_records.values() if r]
@@ -330,4 +332,6 @@ def print_status(planned: Sequence[Any], folder: str | Path, out=None) -> None:
             detail = f"  job {record['job_id']}  log {record['stdout']}"
         else:
             state, detail = "NOT SUBMITTED" if job.state == "new" else "INCOMPLETE", ""
+        if job.state != "cached" and (line := progress(job)):
+            detail += f"  {line}"
         print(f"  {job.digest}  {state:14s} {', '.join(job.uses)}{detail}", file=out)

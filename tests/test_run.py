@@ -1,6 +1,7 @@
 """The runner CLI: planning (shared default job), dry run, caching, bad input, executors."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,8 +171,9 @@ def test_training_progress_reads_the_last_logged_iteration(tmp_path):
     assert run.training_progress(job) == "iteration 1200/3000, 0.90 s/it, ~27 min of training to go"
 
 
-def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, monkeypatch):
-    """kill (SIGTERM) mid-job: exit 143, the attempt is kept as stopped with its wall time, the next run redoes it."""
+def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, monkeypatch, capsys):
+    """kill (SIGTERM) mid-job: exit 143, the attempt is kept as stopped with its wall time (--status says so), the
+    next run redoes it."""
     good = jobs.RUNNERS["istr"]
 
     def killed(cfg, output_dir, options=None):
@@ -188,6 +190,9 @@ def test_sigterm_stops_the_run_and_records_the_attempt(tmp_path, fake_runners, m
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "res").glob("*/run.json")]
     assert record["status"] == "stopped" and 0 < record["wall_s"] < 5 and "SystemExit" in record["error"]
     assert not (tmp_path / "rep").exists()
+    capsys.readouterr()
+    assert run.main([*args, "--status"]) == 0
+    assert re.search(r"INCOMPLETE +table1c/dice/seed0  run.json: stopped$", capsys.readouterr().out, re.M)
 
     monkeypatch.setitem(jobs.RUNNERS, "istr", good)
     assert run.main(args) == 0
