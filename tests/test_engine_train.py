@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import signal
 
 import pytest
 import torch
@@ -163,6 +165,26 @@ def test_a_stop_saves_the_last_completed_iteration_and_resumes_exactly(tmp_path,
     assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == [LAST]
     resumed = run(tmp_path / "stopped", tiny_cfg(), model=StopAt())
     same_run(full, resumed, tmp_path / "full", tmp_path / "stopped")
+
+
+def test_a_second_ctrl_c_does_not_cut_the_stop_save_short(tmp_path, monkeypatch):
+    """submitit's local controller sends SIGINT again as it shuts down: the save of a stop ignores it."""
+    import istr.engine.train as engine
+
+    real_save, calls = engine.atomic_save, []
+
+    def save_with_a_second_ctrl_c(obj, path):
+        calls.append(obj["iteration"])
+        if len(calls) == 2:  # the first is the periodic checkpoint at 3, the second the stop's at 4
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, path)
+
+    monkeypatch.setattr(engine, "atomic_save", save_with_a_second_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_cfg(), model=StopAt(at=5))
+    assert calls == [3, 4] and load_checkpoint(tmp_path / "checkpoints" / LAST)["iteration"] == 4
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_a_stop_inside_the_parameter_update_keeps_the_periodic_checkpoint(tmp_path, monkeypatch):

@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -68,6 +71,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not an ISTR checkpoint (no 'model' entry)")
     return ckpt
+
+
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Ctrl-C and SIGTERM are ignored inside (main thread only): the save a stop makes must not be cut short by
+    the next one (submitit's local controller, for one, sends SIGINT to its task again as it shuts down)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def buffer_snapshot(module: torch.nn.Module) -> list[torch.Tensor]:

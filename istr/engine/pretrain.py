@@ -27,7 +27,7 @@ from torchvision.ops import box_iou, roi_align
 from tqdm import tqdm
 
 from istr.config import Config, to_dict
-from istr.engine.checkpoint import atomic_save, buffer_snapshot, load_checkpoint, restore_buffers
+from istr.engine.checkpoint import atomic_save, buffer_snapshot, load_checkpoint, restore_buffers, signals_ignored
 from istr.engine.cpu_bf16 import bf16_products_in_fp32
 from istr.engine.precision import autocast
 
@@ -152,7 +152,8 @@ def train_classifier(cfg: Config, crops: torch.Tensor, labels: torch.Tensor, num
     except (KeyboardInterrupt, SystemExit):
         if state_path is not None and not updating and completed[0] > first:
             restore_buffers(net, completed[2])  # the stopped forward moved BatchNorm's running statistics
-            save(*completed[:2])
+            with signals_ignored():
+                save(*completed[:2])
             log.info("pretrain: stopped after iteration %d, saved %s; the same command resumes from there",
                      completed[0], state_path)
         raise

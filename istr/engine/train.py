@@ -31,7 +31,7 @@ from tqdm import tqdm
 from istr.config import Config, to_dict
 from istr.engine import distributed
 from istr.engine.checkpoint import (FINAL, LAST, CheckpointError, atomic_save, atomic_write_text, buffer_snapshot,
-                                    load_checkpoint, restore_buffers, rng_state, set_rng_state)
+                                    load_checkpoint, restore_buffers, rng_state, set_rng_state, signals_ignored)
 from istr.engine.cpu_bf16 import bf16_products_in_fp32
 from istr.engine.precision import autocast
 from istr.engine.profiling import StepProfiler
@@ -269,7 +269,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: Config, output_dir: str | Pat
         if writing and is_main and not updating and completed[0] > saved:
             restore_buffers(model, completed[3])
             # other ranks' RNG states are not known here: with several processes the resume draws fresh streams
-            save_last(completed[0], [completed[1]] if world == 1 else [], completed[2])
+            with signals_ignored():
+                save_last(completed[0], [completed[1]] if world == 1 else [], completed[2])
             log.info("stopped after iteration %d: saved %s; the same command resumes from there",
                      completed[0], ckpt_dir / LAST)
         raise
