@@ -76,7 +76,7 @@ def _timed(fn: Callable[[], Any], device) -> float:
     return time.perf_counter() - start
 
 
-def measure_job(cfg, runner: str, steps: int = 3, warmup: int = 1, eval_images: Sequence[int] = (2, 6)) -> dict[str, Any]:
+def measure_job(cfg, runner: str, steps: int = 5, warmup: int = 1, eval_images: Sequence[int] = (2, 6)) -> dict[str, Any]:
     """Seconds per training iteration (median of ``steps`` after ``warmup``) and of evaluation (all stages, COCOeval
     included) as a fixed part plus a part per image, from evaluations of two sizes, of the job of ``cfg``, built as
     its runner builds it, without pretraining. Also the number of val images. The evaluation is of the untrained
@@ -86,11 +86,14 @@ def measure_job(cfg, runner: str, steps: int = 3, warmup: int = 1, eval_images: 
 
     import torch
 
+    from torch.utils.data import DataLoader
+
     from baselines.latency import train_step
     from istr.data import collate
     from istr.engine.cpu_bf16 import bf16_products_in_fp32
     from istr.engine.evaluate import evaluate
     from istr.engine.job import prepare, resolve_device
+    from istr.engine.sampling import IterationBatchSampler, SeededDataset
     from istr.engine.schedule import build_optimizer
 
     cfg = copy.deepcopy(cfg)
@@ -102,15 +105,22 @@ def measure_job(cfg, runner: str, steps: int = 3, warmup: int = 1, eval_images: 
     model.to(device).train()
     optimizer = build_optimizer(model, cfg.solver)
     products = bf16_products_in_fp32(cfg.solver.amp, device)
-    batch = cfg.solver.batch_size
-    times = []
-    for i in range(warmup + steps):
-        images, targets = collate([train_ds[(i * batch + j) % len(train_ds)] for j in range(batch)])
+    # the training loop's own data pipeline: its worker processes share the CPU with the step
+    loader = DataLoader(SeededDataset(train_ds), batch_sampler=IterationBatchSampler(len(train_ds), cfg.solver.batch_size,
+                                                                                     cfg.seed), num_workers=cfg.data.num_workers, collate_fn=collate)
+    batches, times = iter(loader), []
+
+    def step() -> None:
+        images, targets = next(batches)
         images = [image.to(device) for image in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        seconds = _timed(lambda: train_step(model, optimizer, images, targets, cfg.solver, products, device.type), device)
+        train_step(model, optimizer, images, targets, cfg.solver, products, device.type)
+
+    for i in range(warmup + steps):
+        seconds = _timed(step, device)
         if i >= warmup:
             times.append(seconds)
+    del batches  # stops the workers
     small, large = (min(n, len(val_ds)) for n in eval_images)
     small_s, large_s = (_timed(lambda: evaluate(model, val_ds, device, max_images=n, all_stages=cfg.eval_all_stages,
                                                 amp=cfg.solver.amp), device) for n in (small, large))

@@ -1,5 +1,7 @@
 """Backbone pretraining: crops, a classifier that learns, one cached weights file loadable by the detector."""
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +68,9 @@ def test_pretrained_weights_are_cached_and_load_into_the_detector(tmp_path):
     cfg = _tiny_cfg(tmp_path)
     path = ensure_pretrained_backbone(cfg)
     stamp = os.stat(path).st_mtime_ns
+    info = json.loads((Path(path).parent / "info.json").read_text())
+    assert info["iterations"] == 2 and info["resumed"] is False
+    assert not (Path(path).parent / "train_state.pth").exists()  # the resume state goes once the trunk is written
     assert ensure_pretrained_backbone(cfg) == path and os.stat(path).st_mtime_ns == stamp  # not trained again
     state = torch.load(path, weights_only=True)
     cfg.model.backbone.weights = path

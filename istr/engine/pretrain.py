@@ -183,15 +183,18 @@ def ensure_pretrained_backbone(cfg: Config, train_dataset=None) -> str:
     with FileLock(str(out_dir / ".lock")):
         if weights.exists():
             return str(weights)
-        start = time.time()
+        start, state_path = time.time(), out_dir / "train_state.pth"
+        resumed = state_path.exists()
         crops, labels = collect_crops(train_dataset, torch.Generator().manual_seed(cfg.pretrain.seed))
         num_classes = int(train_dataset.num_classes)
         log.info("pretrain: %d crops (%d background) from %d images", len(crops), int((labels < 0).sum()), len(train_dataset))
-        state = train_classifier(cfg, crops, labels, num_classes, resolve_device(cfg), out_dir / "train_state.pth")
+        state = train_classifier(cfg, crops, labels, num_classes, resolve_device(cfg), state_path)
         tmp = weights.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, weights)
-        (out_dir / "train_state.pth").unlink(missing_ok=True)
-        info = {"crops": len(crops), "iterations": cfg.pretrain.max_iter, "seconds": round(time.time() - start, 1)}
+        state_path.unlink(missing_ok=True)
+        # "seconds" of this call only: a resumed pretraining's earlier attempts are not in it
+        info = {"crops": len(crops), "iterations": cfg.pretrain.max_iter, "seconds": round(time.time() - start, 1),
+                "resumed": resumed}
         (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return str(weights)
