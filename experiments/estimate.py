@@ -76,7 +76,7 @@ def _timed(fn: Callable[[], Any], device) -> float:
     return time.perf_counter() - start
 
 
-def measure_job(cfg, runner: str, steps: int = 5, warmup: int = 1, eval_images: Sequence[int] = (2, 6)) -> dict[str, Any]:
+def measure_job(cfg, runner: str, steps: int = 5, warmup: int = 1, eval_images: Sequence[int] = (4, 12)) -> dict[str, Any]:
     """Seconds per training iteration (median of ``steps`` after ``warmup``) and of evaluation (all stages, COCOeval
     included) as a fixed part plus a part per image, from evaluations of two sizes, of the job of ``cfg``, built as
     its runner builds it, without pretraining. Also the number of val images. The evaluation is of the untrained
@@ -122,8 +122,9 @@ def measure_job(cfg, runner: str, steps: int = 5, warmup: int = 1, eval_images: 
             times.append(seconds)
     del batches  # stops the workers
     small, large = (min(n, len(val_ds)) for n in eval_images)
-    small_s, large_s = (_timed(lambda: evaluate(model, val_ds, device, max_images=n, all_stages=cfg.eval_all_stages,
-                                                amp=cfg.solver.amp), device) for n in (small, large))
+    # as the job evaluates (istr.engine.job): in fp32 whatever solver.amp
+    small_s, large_s = (_timed(lambda: evaluate(model, val_ds, device, max_images=n, mask_threshold=cfg.model.mask_threshold,
+                                                all_stages=cfg.eval_all_stages), device) for n in (small, large))
     per_image = max(0.0, (large_s - small_s) / (large - small)) if large > small else large_s / large
     return {"step_s": statistics.median(times), "eval_s_per_image": per_image,
             "eval_fixed_s": max(0.0, small_s - small * per_image), "val_images": len(val_ds),
