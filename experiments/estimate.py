@@ -67,12 +67,13 @@ def _completed_iterations(directory: Path) -> int:
 
 
 def _timed(fn: Callable[[], Any], device) -> float:
-    import torch
+    from istr.engine.latency import synchronizer
 
+    sync = synchronizer(device)
+    sync()
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync()
     return time.perf_counter() - start
 
 
@@ -131,17 +132,15 @@ def measure_job(cfg, runner: str, steps: int = 5, warmup: int = 1, eval_images: 
             "device": str(device), "threads": torch.get_num_threads()}
 
 
-def measure_pretraining(cfg, steps: Sequence[int] = (2, 5)) -> float:
+def measure_pretraining(cfg, train_ds, steps: Sequence[int] = (2, 5)) -> float:
     """Seconds of the whole trunk pretraining of ``cfg`` on this machine: classifier runs of two lengths on random
     crops (their difference is the steady per-iteration time, without set-up and warm-up), scaled to
     ``pretrain.max_iter``, plus the crop collection timed on 20 training images and scaled to the training set."""
     import torch
 
-    from istr.data import build_datasets
     from istr.engine.job import resolve_device
     from istr.engine.pretrain import CROP_SIZE, collect_crops, train_classifier
 
-    train_ds, _ = build_datasets(cfg, train_transforms=False)
     sample = torch.utils.data.Subset(train_ds, range(min(20, len(train_ds))))
     crop_s = _timed(lambda: collect_crops(sample, torch.Generator().manual_seed(0)), torch.device("cpu"))
     crops = torch.randint(0, 256, (cfg.pretrain.batch_size, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)
@@ -158,8 +157,9 @@ def measure_pretraining(cfg, steps: Sequence[int] = (2, 5)) -> float:
     return per_step * cfg.pretrain.max_iter + crop_s * len(train_ds) / len(sample)
 
 
-def _uncached_trunk(cfg) -> Optional[Path]:
-    """Where the trunk ``cfg`` pretrains would be cached, when it has to be pretrained and is not there yet."""
+def _uncached_trunk(cfg) -> Optional[tuple[Path, Any]]:
+    """Where the trunk ``cfg`` pretrains would be cached and the un-augmented training set it pretrains on, when it
+    has to be pretrained and is not there yet."""
     from istr.data import build_datasets
     from istr.engine.pretrain import pretrained_backbone_path
 
@@ -167,7 +167,7 @@ def _uncached_trunk(cfg) -> Optional[Path]:
         return None
     train_ds, _ = build_datasets(cfg, train_transforms=False)
     path = pretrained_backbone_path(cfg, train_ds)
-    return None if path.exists() else path
+    return None if path.exists() else (path, train_ds)
 
 
 def estimate(jobs_: Sequence[Any], log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -201,10 +201,10 @@ def estimate(jobs_: Sequence[Any], log: Callable[[str], None] = print) -> dict[s
         estimates.append(JobEstimate(job.digest, job.uses[0], m["step_s"], todo, points, cfg.solver.eval_images,
                                      val_images, m["eval_s_per_image"], m["eval_fixed_s"]))
         trunk = _uncached_trunk(cfg) if todo else None
-        if trunk is not None and trunk not in trunks:
-            trunks.add(trunk)
+        if trunk is not None and trunk[0] not in trunks:
+            trunks.add(trunk[0])
             log("measuring the trunk pretraining ...")
-            pretraining_s += measure_pretraining(cfg)
+            pretraining_s += measure_pretraining(cfg, trunk[1])
     return {"jobs": estimates, "pretraining_s": pretraining_s, "not_estimated": skipped,
             "device": next(iter(measured.values()))["device"] if measured else None,
             "threads": next(iter(measured.values()))["threads"] if measured else None}
