@@ -1,6 +1,6 @@
 """Report figures (matplotlib Agg), each written as PNG and SVG atomically.
 
-    bars(...)           ablations / Table 2 / latency: ours (mean, std error bar) next to the paper,
+    bars(...)           ablations / Table 2 / latency: ours (mean, std error bar from 2+ seeds) next to the paper,
                         reported-only rows hatched and labelled "reported"
     variance_curve(...) Figure 1: cumulative explained variance vs number of components, 40/60/80 marked
     stage_curve(...)    Figure 3: mask and box AP per refinement stage
@@ -52,8 +52,10 @@ def bars(ours: pd.DataFrame, std: pd.DataFrame, paper: pd.DataFrame, metrics: Se
     x = np.arange(len(rows))
     for ax, metric in zip(axes.flat, metrics):
         measured = ours[metric].to_numpy(dtype=float)
-        errors = np.nan_to_num(std[metric].to_numpy(dtype=float))
-        ax.bar(x - 0.2, measured, 0.4, yerr=errors, capsize=3, label="ours (mean, std)", color="tab:blue")
+        errors = std[metric].to_numpy(dtype=float)
+        ax.bar(x - 0.2, measured, 0.4, label="ours (mean, std if 2+ seeds)", color="tab:blue")
+        spread = np.isfinite(errors)  # one seed has no std: no error bar rather than a zero-width one
+        ax.errorbar(x[spread] - 0.2, measured[spread], yerr=errors[spread], fmt="none", ecolor="black", capsize=3)
         for i, row in enumerate(rows):
             is_reported = row in reported
             ax.bar(x[i] + 0.2, paper.loc[row, metric], 0.4, color="lightgray" if is_reported else "tab:orange",
@@ -63,7 +65,8 @@ def bars(ours: pd.DataFrame, std: pd.DataFrame, paper: pd.DataFrame, metrics: Se
                 ax.text(x[i] - 0.2, 0, "reported" if is_reported else "missing", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, rows, rotation=35, ha="right", fontsize=8)
         ax.set_title(metric)
-        ax.legend(fontsize=7)
+    # one legend under the panels: inside a panel it hides bars or error bars
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
     fig.suptitle(title, fontsize=10)
     return save(fig, stem)
 

@@ -118,3 +118,25 @@ def test_provenance_marks_runs_on_a_cpu_that_emulates_bf16(tmp_path):
                run={"wall_s": 9.0, "host": "zen1", "cpu": "AMD EPYC", "cpu_count": 2, "cpu_native_bf16": False})
     text = report.write_report("table1d", "tiny", tmp_path, tmp_path / "reports").read_text()
     assert "AMD EPYC (2 cores, no native bf16) on zen1" in text and "TestCPU (2 cores) on testhost" in text
+
+
+def test_bar_figure_draws_error_bars_only_for_rows_with_two_or_more_seeds(tmp_path, monkeypatch):
+    """A one-seed row has no std: it gets no error bar (a zero-width one would read as 'no spread')."""
+    import numpy as np
+    import pandas as pd
+    from matplotlib.container import ErrorbarContainer
+
+    from experiments import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, stem: figures.append(fig) or [])
+    rows = ["mask", "l=60"]
+    ours = pd.DataFrame({"mask_AP": [7.2, 26.2]}, index=rows)
+    std = pd.DataFrame({"mask_AP": [np.nan, 1.5]}, index=rows)
+    paper = pd.DataFrame({"mask_AP": [31.6, 34.2]}, index=rows)
+    plots.bars(ours, std, paper, ["mask_AP"], [], "Table 1a", tmp_path / "table1a")
+    (ax,) = figures[0].axes
+    (errorbars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    (segment,) = errorbars.lines[2][0].get_segments()  # one vertical segment: the l=60 bar's
+    assert segment[:, 0] == pytest.approx([0.8, 0.8])
+    assert segment[:, 1] == pytest.approx([24.7, 27.7])
