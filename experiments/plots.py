@@ -99,7 +99,8 @@ def stage_curve(mean: pd.DataFrame, std: pd.DataFrame, title: str, stem: str | P
     stages = [int(r.split()[-1]) for r in mean.index]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for metric in mean.columns:
-        ax.errorbar(stages, mean[metric].to_numpy(dtype=float), yerr=np.nan_to_num(std[metric].to_numpy(dtype=float)),
+        # one seed: std is NaN and matplotlib draws no error bar (not a zero-width one)
+        ax.errorbar(stages, mean[metric].to_numpy(dtype=float), yerr=std[metric].to_numpy(dtype=float),
                     marker="o", capsize=3, label=metric)
     ax.set_xlabel("stage")
     ax.set_ylabel("AP")

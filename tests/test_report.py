@@ -140,3 +140,21 @@ def test_bar_figure_draws_error_bars_only_for_rows_with_two_or_more_seeds(tmp_pa
     (segment,) = errorbars.lines[2][0].get_segments()  # one vertical segment: the l=60 bar's
     assert segment[:, 0] == pytest.approx([0.8, 0.8])
     assert segment[:, 1] == pytest.approx([24.7, 27.7])
+
+
+def test_stage_curve_draws_no_error_bars_for_one_seed(tmp_path, monkeypatch):
+    """Figure 3 from one seed (std NaN at every stage): the points are drawn, no zero-width error bars."""
+    import numpy as np
+    import pandas as pd
+
+    from experiments import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, stem: figures.append(fig) or [])
+    stages = ["stage 1", "stage 2"]
+    mean = pd.DataFrame({"mask_AP": [2.4, 7.4]}, index=stages)
+    plots.stage_curve(mean, pd.DataFrame({"mask_AP": [np.nan, np.nan]}, index=stages), "Figure 3", tmp_path / "fig3")
+    (errorbars,) = figures[0].axes[0].containers
+    data_line, caps, (bar_lines,) = errorbars.lines
+    assert list(data_line.get_ydata()) == pytest.approx([2.4, 7.4])
+    assert all(len(segment) == 0 for segment in bar_lines.get_segments())
